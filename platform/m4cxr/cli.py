@@ -1,0 +1,151 @@
+"""The `m4cxr` command.
+
+    m4cxr config show FILE [--set a.b=c ...]
+    m4cxr mixture show FILE [--strategy d1] [--corpus DIR] [--json]
+    m4cxr data synth --out DIR [--patients N] [--seed S] [--config FILE]
+    m4cxr data stats DIR [--json]
+    m4cxr data real-organs --coco FILE --images DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from m4cxr.config import ConfigError, Experiment, dump_experiment, load_experiment
+
+
+def _experiment(args) -> Experiment:
+    if getattr(args, "config", None):
+        return load_experiment(args.config, args.set or [])
+    return Experiment()
+
+
+def cmd_config_show(args) -> int:
+    exp = load_experiment(args.file, args.set or [])
+    print(f"# resolved from {exp.source}" + (f" with {' '.join(args.set)}" if args.set else ""))
+    print(dump_experiment(exp), end="")
+    return 0
+
+
+def cmd_mixture_show(args) -> int:
+    from m4cxr.data.mixture import build_mixture
+    from m4cxr.data.stats import pair_counts
+
+    exp = load_experiment(args.file, args.set or [])
+    available = pair_counts(args.corpus, "train") if args.corpus else None
+    mixture = build_mixture(exp.data.mixture, available, strategy=args.strategy, source=str(args.file))
+    info = mixture.to_json()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"mixture of {args.file}: strategy {info['strategy']}, {info['pairs']} pairs, seed {info['seed']}")
+    for key, prob in sorted(info["probabilities"].items(), key=lambda kv: -kv[1]):
+        print(f"  {prob:8.4f}  {key}")
+    shares = info["task_type_shares"]
+    print("task-type shares: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()))
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from m4cxr.data.synthetic import synthesize
+
+    exp = _experiment(args)
+    cfg = exp.data.synthetic
+    if args.patients is not None:
+        cfg.patients = args.patients
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.image_size is not None:
+        cfg.image_size = args.image_size
+    manifest = synthesize(args.out, cfg, exp.data.box_convention, exp.data.system_prompt)
+    print(f"synth: {manifest['samples']} samples, {manifest['images']} images, "
+          f"patients {manifest['patients']}, leakage {manifest['leakage']['patients_in_several_splits']}")
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from m4cxr.data.stats import corpus_stats
+
+    stats = corpus_stats(args.dir)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"{args.dir}: {stats['samples']} samples, {stats['images']} images")
+    splits = ("train", "validate", "test")
+    print(f"  {'task':32s}" + "".join(f"{s:>10s}" for s in splits))
+    for task, by_split in stats["tasks"].items():
+        print(f"  {task:32s}" + "".join(f"{by_split.get(s, 0):>10d}" for s in splits))
+    print("  patients: " + ", ".join(f"{k} {v}" for k, v in stats["patients"].items()))
+    leaked = stats["leakage"]["patients_in_several_splits"]
+    print(f"  leakage: {leaked} patient(s) in several splits" + (" (FAIL)" if leaked else " (ok)"))
+    return 1 if leaked else 0
+
+
+def cmd_data_real_organs(args) -> int:
+    from m4cxr.data.sources.coco_lung_boxes import write_organ_corpus
+
+    exp = _experiment(args)
+    manifest = write_organ_corpus(args.coco, args.images, args.out, exp.data.image_size,
+                                  exp.data.box_convention, exp.data.system_prompt)
+    print(f"real organs: {manifest['samples']} samples from {manifest['images']} images -> {args.out}; "
+          f"skipped {len(manifest['skipped'])}")
+    for item in manifest["skipped"]:
+        print(f"  skipped {item['record']}: {item['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m4cxr", description="M4CXR on Ray: data, training, evaluation, sweeps, serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_set(p):
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        return p
+
+    config = sub.add_parser("config", help="experiment files").add_subparsers(dest="action", required=True)
+    p = with_set(config.add_parser("show", help="print the resolved config"))
+    p.add_argument("file")
+    p.set_defaults(func=cmd_config_show)
+
+    mixture = sub.add_parser("mixture", help="task mixtures").add_subparsers(dest="action", required=True)
+    p = with_set(mixture.add_parser("show", help="pairs, probabilities and task-type shares"))
+    p.add_argument("file")
+    p.add_argument("--strategy", choices=["empirical", "d1", "d2", "d3", "d4"])
+    p.add_argument("--corpus", help="a corpus folder: drop pairs without data, take sizes from it")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mixture_show)
+
+    data = sub.add_parser("data", help="corpora").add_subparsers(dest="action", required=True)
+    p = with_set(data.add_parser("synth", help="write the synthetic CXR world"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--patients", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--config", help="experiment file (data.synthetic, data.box_convention)")
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("stats", help="counts per task, dataset and split; leakage check")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_stats)
+    p = with_set(data.add_parser("real-organs", help="organ-grounding samples from COCO lung boxes"))
+    p.add_argument("--coco", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_data_real_organs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"m4cxr: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

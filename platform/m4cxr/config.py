@@ -1,0 +1,334 @@
+"""Experiment files: YAML -> a typed, validated config.
+
+An experiment file has the sections data, model, train, eval, tune and serve. Every key is
+checked against the dataclasses below: an unknown key or a value of the wrong type is an error
+that names the key, the file and (for unknown keys) the closest valid key. Command-line
+overrides use dotted paths: `--set train.instruction.lr=2e-4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an AI medical assistant specialised in chest X-ray interpretation. "
+    "Give helpful and detailed answers to the user's questions."
+)
+
+
+class ConfigError(ValueError):
+    """A problem in an experiment file or an override, naming the key and where it came from."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class PairWeight:
+    weight: float
+    size: int = 0  # training instances of the task-dataset (Table 10); used by the per-size strategies
+
+
+@dataclass
+class MixtureConfig:
+    # empirical: the weights as written; d1: uniform over pairs; d2: by size;
+    # d3: equal per task type, then uniform; d4: equal per task type, then by size (Table 7).
+    strategy: Literal["empirical", "d1", "d2", "d3", "d4"] = "empirical"
+    seed: int = 0
+    # A pair with no samples in the corpus: drop it and renormalise, or stop with an error.
+    on_missing_pair: Literal["renormalise", "error"] = "renormalise"
+    # "task/dataset" -> weight and size. Empty means the paper's Table 10 shipped with the package.
+    pairs: dict[str, PairWeight] = field(default_factory=dict)
+
+
+@dataclass
+class SyntheticConfig:
+    patients: int = 200
+    seed: int = 0
+    image_size: int = 256
+    prior_share: float = 0.5  # share of patients with a prior study
+    split_shares: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/validate/test
+
+
+@dataclass
+class DataConfig:
+    corpus_dir: str = "runs/corpus"
+    image_size: int = 518  # the vision encoder's input side; boxes are relative to this frame
+    box_convention: Literal["resize", "center_crop"] = "resize"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_images_multi_image: int = 5
+    max_images_multi_study: int = 10
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ProjectorConfig:
+    kind: Literal["c_abstractor"] = "c_abstractor"
+    depth: int = 3
+    mlp_depth: int = 2
+    hidden_size: int = 1024
+    num_query_tokens: int = 361  # a square grid: 19 x 19
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class ModelConfig:
+    vision_encoder: str = "microsoft/rad-dino"  # hub id or local folder
+    llm: str = "mistralai/Mistral-7B-Instruct-v0.2"
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class StageConfig:
+    trainable: list[str] = field(default_factory=list)
+    training_steps: int = 1000  # steps actually run
+    max_steps: int = 1000  # length of the cosine schedule
+    warmup_steps: int = 0
+    global_batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    num_workers: int = 1
+    use_gpu: bool = False
+    precision: Literal["bf16", "fp32"] = "bf16"
+    max_seq_len: int = 4095
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    pretrain: StageConfig = field(default_factory=StageConfig)
+    instruction: StageConfig = field(default_factory=StageConfig)
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 500
+    decoding: Literal["greedy", "sample"] = "greedy"
+    cot: bool = True
+    bootstrap_samples: int = 1000
+    bootstrap_seed: int = 0
+
+
+@dataclass
+class TuneConfig:
+    num_trials: int = 4
+    max_concurrent_trials: int = 1
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass
+class Experiment:
+    name: str = "experiment"
+    description: str = ""  # which paper table row the file reproduces
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    source: str = field(default="", metadata={"internal": True})  # the file it was read from
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read an experiment YAML, apply `a.b=c` overrides, validate and return the config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        raw = apply_override(raw, item, path)
+    exp = _build(Experiment, raw, "", str(path))
+    exp.source = str(path)
+    return exp
+
+
+def experiment_from_dict(raw: dict, source: str = "<dict>") -> Experiment:
+    exp = _build(Experiment, raw, "", source)
+    exp.source = source
+    return exp
+
+
+def apply_override(raw: dict, item: str, path: Path | str = "") -> dict:
+    """Set one dotted key from `a.b=c` (the value parsed as YAML) in the raw mapping."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, value_text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    # Check the path against the schema first, so a typo gets the same helpful message.
+    _check_path(keys, f"--set {dotted}")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section in {path}")
+    node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
+    return raw
+
+
+def to_dict(exp: Any) -> Any:
+    """The config as plain data (what `m4cxr config show` prints and checkpoints store)."""
+    if dataclasses.is_dataclass(exp):
+        return {
+            f.name: to_dict(getattr(exp, f.name))
+            for f in dataclasses.fields(exp)
+            if not f.metadata.get("internal")
+        }
+    if isinstance(exp, dict):
+        return {k: to_dict(v) for k, v in exp.items()}
+    if isinstance(exp, (list, tuple)):
+        return [to_dict(v) for v in exp]
+    return exp
+
+
+def dump_experiment(exp: Experiment) -> str:
+    return yaml.safe_dump(to_dict(exp), sort_keys=False, width=100)
+
+
+def save_experiment(exp: Experiment, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_experiment(exp))
+    return path
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _unknown_key(key: str, where: str, valid: list[str], source: str) -> ConfigError:
+    full = f"{where}.{key}" if where else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+    return ConfigError(
+        f"{source}: unknown key '{full}'{hint} (valid keys here: {', '.join(valid)})"
+    )
+
+
+def _check_path(keys: list[str], source: str) -> None:
+    cls: Any = Experiment
+    where = ""
+    for key in keys:
+        if typing.get_origin(cls) is dict:  # free keys (e.g. mixture pairs)
+            cls = typing.get_args(cls)[1]
+        elif dataclasses.is_dataclass(cls):
+            fields = _fields(cls)
+            if key not in fields:
+                raise _unknown_key(key, where, list(fields), source)
+            cls = fields[key]
+        else:
+            raise ConfigError(f"{source}: '{where}' is a value, not a section")
+        where = f"{where}.{key}" if where else key
+
+
+def _build(cls, raw: Any, where: str, source: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {raw!r}")
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown_key(str(key), where, list(fields), source)
+        kwargs[key] = _coerce(fields[key], value, f"{where}.{key}" if where else key, source)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{source}: '{where}': {err}") from err
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp, value, where: str, source: str):
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, source)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{source}: '{where}' must be one of {list(choices)}, got {value!r}{hint}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(item, v, f"{where}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(
+        f"{source}: '{where}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )

@@ -1,0 +1,160 @@
+"""The 17 task templates of the paper (Table 9), rendered into conversations.
+
+One renderer for every task, driven by resources/tasks.yaml (the paper's Tables 8-9 as data).
+A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}; each image
+appears as one "<image>" placeholder in a user turn, in the order of the sample's images.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Sequence
+
+import yaml
+
+from m4cxr.config import DEFAULT_SYSTEM_PROMPT
+from m4cxr.data.boxes import format_box, format_boxes
+
+IMAGE = "<image>"
+IMAGE_SEPARATOR = "\n"  # between the placeholders of several images (the paper leaves it open)
+NOT_FOUND = "Not found."
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+IMAGE_FIELDS = ("images", "prior_images", "follow_up_images")
+
+
+@lru_cache(maxsize=1)
+def task_spec() -> dict[str, Any]:
+    """resources/tasks.yaml: the tasks, their types and turns, and the CheXbert label lists."""
+    text = resources.files("m4cxr").joinpath("resources/tasks.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def task_names() -> list[str]:
+    return list(task_spec()["tasks"])
+
+
+def task_type(task: str) -> str:
+    return _task(task)["type"]
+
+
+def chexbert_labels() -> list[str]:
+    """The 14 CheXbert observations, "No Finding" last."""
+    return list(task_spec()["chexbert_labels_14"])
+
+
+def cot_candidates() -> list[str]:
+    """Turn 1 of report generation lists the 13 observations without "No Finding"."""
+    return [name for name in chexbert_labels() if name != "No Finding"]
+
+
+def _task(task: str) -> dict[str, Any]:
+    tasks = task_spec()["tasks"]
+    if task not in tasks:
+        raise KeyError(f"unknown task {task!r}; the tasks are: {', '.join(tasks)}")
+    return tasks[task]
+
+
+# ----------------------------------------------------------------------------- answer texts
+
+
+def findings_answer(positives: Sequence[str], candidates: Sequence[str] | None = None) -> str:
+    """The chain-of-thought answer: positive findings in candidate-list order, ending with a
+    period; "Not found." when nothing is positive."""
+    if candidates is not None:
+        unknown = [p for p in positives if p not in candidates]
+        if unknown:
+            raise ValueError(f"findings {unknown} are not among the candidates {list(candidates)}")
+        positives = [c for c in candidates if c in set(positives)]
+    return ", ".join(positives) + "." if positives else NOT_FOUND
+
+
+def positive_findings(labels: dict[str, int], candidates: Sequence[str]) -> list[str]:
+    """CheXbert-style labels (1 positive, 0 negative, -1 uncertain) -> positives in list order.
+    Uncertain counts as absent, as in the authors' training data."""
+    return [name for name in candidates if labels.get(name) == 1]
+
+
+def boxes_answer(boxes: Sequence[Sequence[int]]) -> str:
+    return format_boxes(boxes) if boxes else NOT_FOUND
+
+
+def findings_with_boxes_answer(items: Sequence[tuple[str, Sequence[Sequence[int]]]]) -> str:
+    """[("Cardiomegaly", [box]), ("Nodule", [box, box])] -> "Cardiomegaly [..], Nodule [..], [..]." """
+    if not items:
+        return NOT_FOUND
+    return ", ".join(f"{name} {format_boxes(boxes)}" for name, boxes in items) + "."
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _fill(text: str, fields: dict[str, Any], role: str, task: str) -> str:
+    def value(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in fields:
+            raise KeyError(f"task {task!r}: the template needs {{{key}}} but the sample has no '{key}'")
+        v = fields[key]
+        if key in IMAGE_FIELDS:
+            count = v if isinstance(v, int) else len(v)
+            if count < 1:
+                raise ValueError(f"task {task!r}: '{key}' needs at least one image")
+            return IMAGE_SEPARATOR.join([IMAGE] * count)
+        if key == "findings":
+            if role == "user":  # the candidate list
+                return ", ".join(v)
+            return v if isinstance(v, str) else findings_answer(v)
+        if key == "bbox":
+            if role == "user":
+                return v if isinstance(v, str) else format_box(v)
+            if isinstance(v, str):
+                return v
+            boxes = [v] if v and isinstance(v[0], (int, float)) else list(v)
+            return boxes_answer(boxes)
+        if key == "findings_with_bboxes":
+            return v if isinstance(v, str) else findings_with_boxes_answer(v)
+        return str(v)
+
+    return PLACEHOLDER.sub(value, text)
+
+
+def render_conversation(
+    task: str,
+    fields: dict[str, Any],
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    cot: bool = True,
+    follow_ups: Sequence[tuple[str, str]] = (),
+) -> list[dict[str, str]]:
+    """Render one sample of `task` from its fields into system + user/assistant turns.
+
+    Fields by placeholder: images / prior_images / follow_up_images (a count or a list),
+    findings (the candidate list; the assistant's answer comes from `positives`), report,
+    prior_report, finding, organ, phrase, name, question, answer, bbox (one box in a question;
+    one box or a list of boxes as an answer), findings_with_bboxes. `cot=False` renders report
+    generation as one turn (the paper's no-CoT variant). `follow_ups` appends further
+    (question, answer) turns, as in multi-turn instruction following.
+    """
+    spec = _task(task)
+    turns = [{"role": "system", "content": system_prompt}]
+    template = spec["turns"]
+    if spec["type"] == "mrg" and not cot:
+        # Single-turn report generation: the image part of turn 1, then the report question.
+        first = template[0]["user"].split(" Which of the following")[0]
+        first = first.replace(" The radiology studies are given in chronological order.", "")
+        template = [{"user": f"{first} {template[2]['user'].replace('Based on the previous conversation provide', 'Provide')}"},
+                    {"assistant": template[3]["assistant"]}]
+    answer_fields = dict(fields)
+    if "positives" in fields:
+        answer_fields["findings"] = findings_answer(fields["positives"], fields.get("findings"))
+    for turn in template:
+        (role, text), = turn.items()
+        turns.append({"role": role, "content": _fill(text, fields if role == "user" else answer_fields, role, task)})
+    for question, answer in follow_ups:
+        turns.append({"role": "user", "content": question})
+        turns.append({"role": "assistant", "content": answer})
+    return turns
+
+
+def count_images(turns: Sequence[dict[str, str]]) -> int:
+    return sum(t["content"].count(IMAGE) for t in turns if t["role"] == "user")
