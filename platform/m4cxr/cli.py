@@ -13,13 +13,19 @@ import argparse
 import json
 import sys
 
-from m4cxr.config import ConfigError, Experiment, dump_experiment, load_experiment
+from m4cxr.config import (
+    ConfigError, Experiment, apply_override, dump_experiment, experiment_from_dict, load_experiment,
+)
 
 
 def _experiment(args) -> Experiment:
+    """The --config file (or the defaults) with the --set overrides applied."""
     if getattr(args, "config", None):
         return load_experiment(args.config, args.set or [])
-    return Experiment()
+    raw: dict = {}
+    for item in getattr(args, "set", None) or []:
+        raw = apply_override(raw, item, "the defaults")
+    return experiment_from_dict(raw, "the defaults")
 
 
 def cmd_config_show(args) -> int:

@@ -233,10 +233,25 @@ def _fields(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
+# Other names people write for a key, so that a typo of the long name still finds the short key.
+KEY_ALIASES = {"lr": ["learning_rate"], "global_batch_size": ["batch_size"], "weight_decay": ["wd"],
+               "num_workers": ["workers"], "grad_clip": ["gradient_clipping", "max_grad_norm"]}
+
+
+def closest_key(key: str, valid: list[str]) -> str | None:
+    best, best_score = None, 0.0
+    for name in valid:
+        for spelling in [name, *KEY_ALIASES.get(name, [])]:
+            score = difflib.SequenceMatcher(None, key, spelling).ratio()
+            if score > best_score:
+                best, best_score = name, score
+    return best if best_score >= 0.6 else None
+
+
 def _unknown_key(key: str, where: str, valid: list[str], source: str) -> ConfigError:
     full = f"{where}.{key}" if where else key
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+    close = closest_key(key, valid)
+    hint = f"; did you mean '{where + '.' if where else ''}{close}'?" if close else ""
     return ConfigError(
         f"{source}: unknown key '{full}'{hint} (valid keys here: {', '.join(valid)})"
     )

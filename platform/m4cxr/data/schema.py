@@ -31,7 +31,7 @@ LABEL = pa.struct([("name", pa.string()), ("value", pa.int8())])  # 1 positive, 
 BOX = pa.struct([
     ("label", pa.string()),
     ("image_index", pa.int16()),  # which of the sample's images the box is on
-    ("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in pixels of the stored image
+    ("box", pa.list_(pa.float64(), 4)),  # x1, y1, x2, y2 in pixels of the stored image
 ])
 
 SAMPLE_SCHEMA = pa.schema([

@@ -1,0 +1,17 @@
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = Path(__file__).resolve().parent / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory):
+    """The synthetic world of the README command (200 patients, seed 0), written once per run."""
+    from m4cxr.config import SyntheticConfig
+    from m4cxr.data.synthetic import synthesize
+
+    out = tmp_path_factory.mktemp("synthetic")
+    manifest = synthesize(out, SyntheticConfig(patients=200, seed=0, image_size=128), progress=False)
+    return out, manifest
