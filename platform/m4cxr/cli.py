@@ -5,6 +5,7 @@
     m4cxr data synth --out DIR [--patients N] [--seed S] [--config FILE]
     m4cxr data stats DIR [--json]
     m4cxr data real-organs --coco FILE --images DIR --out DIR
+    m4cxr model summary FILE [--json]
 """
 
 from __future__ import annotations
@@ -102,6 +103,24 @@ def cmd_data_real_organs(args) -> int:
     return 0
 
 
+def cmd_model_summary(args) -> int:
+    from m4cxr.model.summary import model_summary
+
+    info = model_summary(load_experiment(args.file, args.set or []))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model of {args.file}: vision {info['vision_encoder']}, LLM {info['llm']}")
+    for part, n in info["params"].items():
+        print(f"  {part:10s} {n:>15,d} parameters")
+    print(f"  {'lora':10s} {info['lora_params']:>15,d} parameters")
+    for stage, n in info["trainable"].items():
+        print(f"  trainable in {stage}: {n:,}")
+    print(f"  tokens per image: {info['encoder_tokens_per_image']} from the encoder, "
+          f"{info['visual_tokens_per_image']} after the projector")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m4cxr", description="M4CXR on Ray: data, training, evaluation, sweeps, serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="a corpus folder: drop pairs without data, take sizes from it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mixture_show)
+
+    model = sub.add_parser("model", help="the model").add_subparsers(dest="action", required=True)
+    p = with_set(model.add_parser("summary", help="parameter counts, built on the meta device"))
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model_summary)
 
     data = sub.add_parser("data", help="corpora").add_subparsers(dest="action", required=True)
     p = with_set(data.add_parser("synth", help="write the synthetic CXR world"))

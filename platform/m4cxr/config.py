@@ -89,8 +89,17 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    vision_encoder: str = "microsoft/rad-dino"  # hub id or local folder
-    llm: str = "mistralai/Mistral-7B-Instruct-v0.2"
+    vision_encoder: str = "microsoft/rad-dino"  # hub id or local folder (ignored when vision_config is set)
+    llm: str = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id or local folder (ignored when llm_config is set)
+    # Architecture fields (Dinov2Config / MistralConfig) to build the model with random weights
+    # instead of loading it: tiny runs, tests, and the full-size summary on the meta device.
+    vision_config: dict[str, Any] = field(default_factory=dict)
+    llm_config: dict[str, Any] = field(default_factory=dict)
+    # "" = the LLM's own tokenizer; "train" = a BPE tokenizer trained on the corpus; or a folder.
+    tokenizer: str = ""
+    tokenizer_vocab_size: int = 2000
+    image_mean: list[float] = field(default_factory=lambda: [0.5307, 0.5307, 0.5307])  # Rad-DINO's
+    image_std: list[float] = field(default_factory=lambda: [0.2583, 0.2583, 0.2583])
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

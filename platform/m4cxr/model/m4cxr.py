@@ -1,0 +1,252 @@
+"""M4CXR: vision encoder -> C-Abstractor -> LLM with LoRA, images interleaved with text.
+
+Each `<image>` in a user turn is expanded at tokenisation time to the projector's number of
+visual tokens (361 for the paper); `forward` embeds the text, then writes each image's projected
+embeddings into its positions, in order, for any number of images per sample. The loss covers
+assistant turns only (labels from tokenizer.encode_conversation). Generation left-pads the batch
+so that batched answers equal one-by-one answers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from m4cxr.config import Experiment, ModelConfig
+from m4cxr.data.templates import cot_candidates, render_conversation
+from m4cxr.model.projector import CAbstractor
+from m4cxr.model.tokenizer import IGNORE, encode_conversation, image_token_id
+from m4cxr.model.vision import VisionEncoder, build_vision_encoder, pixel_values
+
+PARTS = ("vision_encoder", "projector", "llm_lora", "llm")
+SCENARIO_TASKS = {"single_image": "single_image", "multi_image": "multi_image", "multi_study": "multi_study"}
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(requested: str, on_gpu: bool) -> str:
+    """The attention implementation to ask transformers for, with a clear message when the
+    experiment asks for flash-attention where it cannot run."""
+    if requested == "flash_attention_2":
+        if not flash_attn_available():
+            raise ImportError(
+                "model.attention=flash_attention_2 needs the flash-attn package, which is not installed. "
+                "Install it on a CUDA machine with pip install -e '.[gpu]', or set model.attention=sdpa."
+            )
+        if not on_gpu:
+            raise ValueError("model.attention=flash_attention_2 needs a CUDA GPU; set model.attention=sdpa on CPU")
+        return requested
+    if requested == "auto":
+        return "flash_attention_2" if on_gpu and flash_attn_available() else "sdpa"
+    return requested
+
+
+def llm_architecture(cfg: ModelConfig, vocab_size: int | None = None):
+    """The LLM's transformers config: from model.llm_config (random weights) or the hub id / folder."""
+    if cfg.llm_config:
+        fields = dict(cfg.llm_config)
+        model_type = fields.pop("model_type", "mistral")
+        if vocab_size is not None:
+            fields["vocab_size"] = vocab_size
+        return AutoConfig.for_model(model_type, **fields)
+    return AutoConfig.from_pretrained(cfg.llm)
+
+
+def build_llm(cfg: ModelConfig, attention: str, vocab_size: int | None = None, dtype=None) -> PreTrainedModel:
+    if cfg.llm_config:
+        arch = llm_architecture(cfg, vocab_size)
+        return AutoModelForCausalLM.from_config(arch, attn_implementation=attention, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(cfg.llm, attn_implementation=attention, dtype=dtype)
+
+
+def add_lora(llm: PreTrainedModel, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(llm, lora)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class M4CXR(nn.Module):
+    def __init__(self, vision: VisionEncoder, projector: CAbstractor, llm: nn.Module,
+                 tokenizer: PreTrainedTokenizerBase, image_size: int, image_mean: Sequence[float],
+                 image_std: Sequence[float], box_convention: str = "resize"):
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id(tokenizer)
+        self.tokens_per_image = projector.num_query_tokens
+        self.image_size = image_size
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.box_convention = box_convention
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    # -- parts and stages
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part: vision_encoder, projector, llm_lora (adapters), llm (the base LLM)."""
+        lora, base = [], []
+        for name, p in self.llm.named_parameters():
+            (lora if "lora_" in name else base).append(p)
+        return {"vision_encoder": list(self.vision.parameters()), "projector": list(self.projector.parameters()),
+                "llm_lora": lora, "llm": base}
+
+    def set_trainable(self, trainable: Sequence[str]) -> dict[str, int]:
+        """Train exactly the named parts (a stage's `trainable`); returns trainable counts per part."""
+        unknown = [t for t in trainable if t not in PARTS]
+        if unknown:
+            raise ValueError(f"unknown trainable part(s) {unknown}; the parts are {list(PARTS)}")
+        for name, params in self.parts().items():
+            for p in params:
+                p.requires_grad_(name in trainable)
+        return self.trainable_counts()
+
+    def trainable_counts(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in params if p.requires_grad) for name, params in self.parts().items()}
+
+    # -- forward
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> (images, tokens_per_image, llm hidden)."""
+        return self.projector(self.vision(pixels))
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+        is_image = input_ids == self.image_token_id
+        # the image token may lie outside the LLM's vocabulary (added to a real tokenizer): its
+        # embedding is replaced anyway, so look up a valid id there
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        n_image_tokens = int(is_image.sum())
+        if pixels is None or len(pixels) == 0:
+            if n_image_tokens:
+                raise ValueError(f"the batch has {n_image_tokens} image tokens but no images")
+            return embeds
+        visual = self.encode_images(pixels.to(self.device, self.vision.model.dtype))
+        if n_image_tokens != visual.shape[0] * visual.shape[1]:
+            raise ValueError(
+                f"the batch has {n_image_tokens} image tokens but {visual.shape[0]} images x "
+                f"{visual.shape[1]} tokens: each <image> must match one image")
+        # masked_scatter fills positions in row-major order: sample by sample, left to right,
+        # which is the order of the images in `pixels`
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    # -- data
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return pixel_values(images, self.image_size, self.image_mean, self.image_std, self.box_convention)
+
+    def collate(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Image.Image]],
+                for_generation: bool = False) -> dict[str, torch.Tensor]:
+        """Tokenise, expand images, pad (left for generation, right for training)."""
+        encoded = [encode_conversation(self.tokenizer, c, self.tokens_per_image, for_generation) for c in conversations]
+        batch = pad_batch([e[0] for e in encoded], [e[1] for e in encoded], self.tokenizer.pad_token_id,
+                          left=for_generation)
+        flat = [im for sample in images for im in sample]
+        batch["pixel_values"] = self.preprocess(flat) if flat else None
+        return batch
+
+    # -- generation
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Image.Image]],
+                 max_new_tokens: int = 500, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[str]:
+        """The assistant's next answer for each conversation (a trailing assistant turn is dropped).
+        Greedy by default; sampling when do_sample. Stops at EOS or max_new_tokens."""
+        batch = self.collate(conversations, images, for_generation=True)
+        device = self.device
+        embeds = self.embed(batch["input_ids"].to(device), batch["pixel_values"])
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        out = self.llm.generate(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling,
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+
+    def generate_reports(self, requests: Sequence[dict], cot: bool = True, max_new_tokens: int = 500,
+                         system_prompt: str | None = None) -> list[dict[str, str]]:
+        """Report generation for a batch of requests, each {"scenario": single_image|multi_image|
+        multi_study, "images": [PIL...], "prior_images": [...], "prior_report": "..."}.
+        With cot: ask for the findings, append the model's answer, then ask for the report."""
+        from m4cxr.config import DEFAULT_SYSTEM_PROMPT
+
+        system = system_prompt or DEFAULT_SYSTEM_PROMPT
+        convs, imgs = [], []
+        for r in requests:
+            task = SCENARIO_TASKS.get(r.get("scenario", "single_image"))
+            if task is None:
+                raise ValueError(f"unknown scenario {r.get('scenario')!r}; use one of {list(SCENARIO_TASKS)}")
+            fields = {"images": len(r["images"]), "findings": cot_candidates(), "positives": [], "report": "",
+                      "prior_images": len(r.get("prior_images", [])), "prior_report": r.get("prior_report", ""),
+                      "follow_up_images": len(r["images"])}
+            convs.append(render_conversation(task, fields, system, cot=cot))
+            imgs.append(list(r.get("prior_images", [])) + list(r["images"]) if task == "multi_study" else list(r["images"]))
+        if not cot:
+            reports = self.generate([c[:2] for c in convs], imgs, max_new_tokens)
+            return [{"findings": "", "report": rep} for rep in reports]
+        findings = self.generate([c[:2] for c in convs], imgs, max_new_tokens)
+        second = [c[:2] + [{"role": "assistant", "content": f}, c[3]] for c, f in zip(convs, findings)]
+        reports = self.generate(second, imgs, max_new_tokens)
+        return [{"findings": f, "report": rep} for f, rep in zip(findings, reports)]
+
+
+def pad_batch(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> dict:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    label_t = torch.full((len(ids), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        sl = slice(width - len(x), width) if left else slice(0, len(x))
+        input_ids[i, sl] = torch.tensor(x)
+        label_t[i, sl] = torch.tensor(y)
+        mask[i, sl] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+def build_model(exp: Experiment, tokenizer: PreTrainedTokenizerBase, on_gpu: bool = False, dtype=None) -> M4CXR:
+    """The whole model of an experiment: encoder and LLM loaded (or built from their configs with
+    random weights), a fresh C-Abstractor, and LoRA on the LLM."""
+    cfg = exp.model
+    vision = build_vision_encoder(cfg.vision_encoder, cfg.vision_config, exp.data.image_size)
+    attention = resolve_attention(cfg.attention, on_gpu)
+    llm = build_llm(cfg, attention, vocab_size=len(tokenizer) if cfg.llm_config else None, dtype=dtype)
+    projector = CAbstractor(
+        num_input_tokens=vision.num_tokens(exp.data.image_size), encoder_dim=vision.hidden_size,
+        llm_dim=llm.config.hidden_size, hidden_size=cfg.projector.hidden_size, depth=cfg.projector.depth,
+        mlp_depth=cfg.projector.mlp_depth, num_query_tokens=cfg.projector.num_query_tokens,
+    )
+    return M4CXR(vision, projector, add_lora(llm, cfg), tokenizer, exp.data.image_size, cfg.image_mean,
+                 cfg.image_std, exp.data.box_convention)
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
+
+
+def model_info(model: M4CXR) -> dict[str, Any]:
+    return {"params": {k: sum(p.numel() for p in v) for k, v in model.parts().items()},
+            "trainable": model.trainable_counts(), "tokens_per_image": model.tokens_per_image}

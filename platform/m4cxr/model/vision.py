@@ -1,0 +1,77 @@
+"""The vision encoder: Rad-DINO, a DINOv2 ViT-B/14, as a transformers Dinov2Model.
+
+Real runs load it from a hub id (`microsoft/rad-dino`) or a local folder; tiny runs and the
+full-size summary build the same class from a config with random weights. The projector gets
+the last layer's patch tokens without the CLS token: (518 / 14)^2 = 1369 tokens at 518 px.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Dinov2Config, Dinov2Model
+
+# Rad-DINO's published preprocessing (its preprocessor_config.json): used when the weights
+# folder does not carry one.
+RAD_DINO_MEAN = (0.5307, 0.5307, 0.5307)
+RAD_DINO_STD = (0.2583, 0.2583, 0.2583)
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, model: Dinov2Model):
+        super().__init__()
+        self.model = model
+        self.hidden_size = model.config.hidden_size
+        self.patch_size = model.config.patch_size
+
+    def num_tokens(self, image_size: int) -> int:
+        return (image_size // self.patch_size) ** 2
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> (images, patches, hidden): last layer, CLS dropped."""
+        hidden = self.model(pixel_values=pixel_values).last_hidden_state
+        return hidden[:, 1:]
+
+
+def build_vision_encoder(source: str, config: dict | None, image_size: int) -> VisionEncoder:
+    """From `config` (Dinov2Config fields; random weights) when given, else from a hub id or folder."""
+    if config:
+        cfg = Dinov2Config(**{"image_size": image_size, **config})
+        return VisionEncoder(Dinov2Model(cfg))
+    return VisionEncoder(Dinov2Model.from_pretrained(source))
+
+
+def preprocessing_from_folder(source: str) -> dict | None:
+    """image_mean / image_std of a local weights folder's preprocessor_config.json, if any."""
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    return {"image_mean": cfg.get("image_mean"), "image_std": cfg.get("image_std")}
+
+
+def pixel_values(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float],
+                 convention: str = "resize") -> torch.Tensor:
+    """Images -> (n, 3, size, size) normalised floats, in the frame boxes are written in."""
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    for i, image in enumerate(images):
+        image = image.convert("L")
+        if convention == "center_crop":
+            scale = size / min(image.size)
+            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((w, h), Image.BICUBIC)
+            left, top = (w - size) // 2, (h - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        elif image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        gray = np.asarray(image, dtype=np.float32) / 255.0
+        out[i] = (gray[None] - m) / s
+    return torch.from_numpy(out)
