@@ -6,6 +6,8 @@
     m4cxr data stats DIR [--json]
     m4cxr data real-organs --coco FILE --images DIR --out DIR
     m4cxr model summary FILE [--json]
+    m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
+    m4cxr quickstart --out DIR
 """
 
 from __future__ import annotations
@@ -121,6 +123,22 @@ def cmd_model_summary(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from m4cxr.train.run import run_stage
+
+    exp = load_experiment(args.config, args.set or [])
+    summary = run_stage(exp, args.stage, args.corpus or exp.data.corpus_dir, init_checkpoint=args.init, run_name=args.name)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from m4cxr.quickstart import run_quickstart
+
+    run_quickstart(args.out, args.config, args.set or [])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m4cxr", description="M4CXR on Ray: data, training, evaluation, sweeps, serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="a corpus folder: drop pairs without data, take sizes from it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mixture_show)
+
+    p = with_set(sub.add_parser("train", help="train one stage on Ray"))
+    p.add_argument("--stage", choices=["pretrain", "instruction"], required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--corpus", help="corpus folder (default: data.corpus_dir)")
+    p.add_argument("--init", help="checkpoint to start from (stage 2: the stage-1 model)")
+    p.add_argument("--name", help="run name (rerun with the same name to resume)")
+    p.set_defaults(func=cmd_train)
+
+    p = with_set(sub.add_parser("quickstart", help="the main job on the synthetic world"))
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--config", default="experiments/quickstart.yaml")
+    p.set_defaults(func=cmd_quickstart)
 
     model = sub.add_parser("model", help="the model").add_subparsers(dest="action", required=True)
     p = with_set(model.add_parser("summary", help="parameter counts, built on the meta device"))

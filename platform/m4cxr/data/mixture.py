@@ -123,6 +123,21 @@ class Mixture:
             pos += take
         return pair_idx, within
 
+    def draw_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The draws at arbitrary stream positions (same values as `draw`)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        pair_idx = np.empty(len(positions), dtype=np.int64)
+        within = np.empty(len(positions), dtype=np.float64)
+        chunks, offsets = np.divmod(positions, DRAW_CHUNK)
+        for chunk in np.unique(chunks):
+            rng = np.random.default_rng([self.seed, int(chunk)])
+            chunk_pairs = rng.choice(len(self.pairs), size=DRAW_CHUNK, p=self.probabilities)
+            chunk_within = rng.random(DRAW_CHUNK)
+            sel = chunks == chunk
+            pair_idx[sel] = chunk_pairs[offsets[sel]]
+            within[sel] = chunk_within[offsets[sel]]
+        return pair_idx, within
+
     def to_json(self) -> dict:
         return {
             "strategy": self.strategy,
@@ -144,7 +159,7 @@ def build_mixture(
     pairs without data are reported and dropped (weights renormalised) or raise, as
     cfg.on_missing_pair says; sizes missing from the config are taken from the data at hand."""
     strategy = strategy or cfg.strategy
-    pairs = pairs_from_config(cfg, source)
+    pairs = [p for p in pairs_from_config(cfg, source) if p.task_type not in cfg.drop_task_types]
     dropped: list[str] = []
     if available is not None:
         missing = [p.key for p in pairs if available.get(p.key, 0) == 0]

@@ -1,0 +1,248 @@
+"""The training data path: samples Parquet -> mixture draw -> Ray Data preprocessing -> workers.
+
+    positions 0..N-1 of the mixture stream         ray.data.range
+    -> (pair, sample row) per position             map_batches(draw_rows): seeded, resumable
+    -> drop positions a resumed run has consumed   (read from the run's stream marker file)
+    -> images loaded, resized, normalised;         map_batches(PrepareSamples) on CPU actors
+       conversation tokenised, images expanded
+    -> the trainer's `datasets`, read in each worker with get_dataset_shard(...).iter_batches
+    -> each optimizer step's rows sorted by length into micro-batches (step_batches)
+
+A corrupt image or malformed row becomes a row with an `error` naming the sample; workers count
+and report them and stop the run past `data.error_budget`. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from m4cxr.config import Experiment
+from m4cxr.data.mixture import Mixture, build_mixture
+from m4cxr.data.schema import samples_path
+
+PRETRAIN_TASKS = ("single_image",)  # stage 1 trains on image-report pairs without instructions
+
+
+# ----------------------------------------------------------------------------- the draw
+
+
+def stage_mixture(exp: Experiment, stage: str, corpus_dir: str | Path) -> Mixture:
+    """The mixture of a stage over the pairs that have training samples in the corpus."""
+    from m4cxr.config import MixtureConfig
+    from m4cxr.data.stats import pair_counts
+
+    cfg = exp.data.mixture
+    if stage == "pretrain":
+        from m4cxr.data.mixture import pairs_from_config
+
+        keep = {p.key: p for p in pairs_from_config(cfg, exp.source) if p.task in PRETRAIN_TASKS}
+        if not keep:
+            raise ValueError(f"{exp.source}: stage 1 needs single_image pairs in data.mixture.pairs")
+        from m4cxr.config import PairWeight
+
+        cfg = MixtureConfig(strategy="empirical", seed=cfg.seed, on_missing_pair=cfg.on_missing_pair,
+                            pairs={k: PairWeight(p.weight, p.size) for k, p in keep.items()})
+    return build_mixture(cfg, pair_counts(corpus_dir, "train"), source=exp.source)
+
+
+def pair_rows(corpus_dir: str | Path, mixture: Mixture, split: str = "train") -> list[np.ndarray]:
+    """For each pair of the mixture, the row numbers of its samples in samples/<split>.parquet."""
+    table = pq.read_table(samples_path(corpus_dir, split), columns=["task", "dataset"])
+    keys = np.array([f"{t}/{d}" for t, d in zip(table.column("task").to_pylist(), table.column("dataset").to_pylist())])
+    return [np.flatnonzero(keys == p.key) for p in mixture.pairs]
+
+
+def read_marker(marker: str | None) -> int:
+    """The stream position a resumed run continues from (0 for a fresh run)."""
+    if marker and Path(marker).is_file():
+        return int(json.loads(Path(marker).read_text())["position"])
+    return 0
+
+
+def write_marker(marker: str, position: int, step: int) -> None:
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(marker).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"position": int(position), "step": int(step)}))
+    tmp.replace(marker)
+
+
+def draw_rows(batch: dict[str, np.ndarray], mixture: Mixture, rows_by_pair: list[np.ndarray],
+              marker: str | None = None) -> dict[str, np.ndarray]:
+    """Stream positions -> sample rows, leaving out positions a resumed run already consumed."""
+    positions = np.asarray(batch["data"], dtype=np.int64)
+    positions = positions[positions >= read_marker(marker)]
+    pair_idx, within = mixture.draw_at(positions)
+    rows = np.array([rows_by_pair[p][int(u * len(rows_by_pair[p]))] for p, u in zip(pair_idx, within)], dtype=np.int64)
+    return {"position": positions, "row": rows}
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+class PrepareSamples:
+    """Ray Data actor: sample rows -> token ids, labels and normalised pixels (or an error)."""
+
+    def __init__(self, corpus_dir: str, split: str, tokenizer_dir: str, image_size: int, image_mean: list,
+                 image_std: list, box_convention: str, tokens_per_image: int, max_seq_len: int, stage: str,
+                 mrg_format: str = "cot"):
+        from transformers import AutoTokenizer
+
+        from m4cxr.data.schema import ImageStore
+
+        self.table = pq.read_table(samples_path(corpus_dir, split))
+        self.store = ImageStore(corpus_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.image_args = (image_size, image_mean, image_std, box_convention)
+        self.tokens_per_image = tokens_per_image
+        self.max_seq_len = max_seq_len
+        self.stage = stage
+        self.mrg_format = mrg_format
+
+    def conversation(self, sample: dict, position: int) -> tuple[list[dict], list[str]]:
+        from m4cxr.data.templates import render_conversation
+
+        image_ids = [i["image_id"] for i in sample["images"]]
+        if self.stage == "pretrain":  # image-report pairs, no instructions (stage 1)
+            if not sample["report"]:
+                raise ValueError("stage 1 needs a report")
+            return [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": sample["report"]}], image_ids[:1]
+        turns = sample["turns"]
+        if sample["task_type"] != "mrg" or self.mrg_format == "cot":
+            return turns, image_ids
+        if self.mrg_format == "separate" and position % 2 == 1:
+            return turns[:3], image_ids  # the findings question alone, as a classification task
+        roles = [i["role"] for i in sample["images"]]
+        fields = {"images": roles.count("current"), "follow_up_images": roles.count("current"),
+                  "prior_images": roles.count("prior"), "prior_report": sample["prior_report"] or "",
+                  "report": sample["report"], "findings": [], "positives": []}
+        return render_conversation(sample["task"], fields, turns[0]["content"], cot=False), image_ids
+
+    def prepare(self, row: int, position: int = 0) -> dict[str, Any]:
+        from PIL import Image
+
+        from m4cxr.model.tokenizer import encode_conversation
+        from m4cxr.model.vision import pixel_values
+
+        sample = self.table.slice(int(row), 1).to_pylist()[0]
+        out = {"sample_id": sample["sample_id"], "task_type": sample["task_type"], "error": ""}
+        try:
+            turns, image_ids = self.conversation(sample, position)
+            placeholders = sum(t["content"].count("<image>") for t in turns if t["role"] == "user")
+            if placeholders != len(image_ids):
+                raise ValueError(f"{placeholders} <image> placeholders but {len(image_ids)} images")
+            images = []
+            for image_id in image_ids:
+                with Image.open(self.store.path(image_id)) as im:
+                    im.load()
+                    images.append(im.convert("L"))
+            ids, labels = encode_conversation(self.tokenizer, turns, self.tokens_per_image)
+            if len(ids) > self.max_seq_len:
+                raise ValueError(f"{len(ids)} tokens, over train.max_seq_len {self.max_seq_len}")
+            pixels = pixel_values(images, *self.image_args).numpy()
+        except (OSError, ValueError, KeyError) as err:
+            out.update(error=f"{type(err).__name__}: {err}", input_ids=np.zeros(0, np.int32),
+                       labels=np.zeros(0, np.int32), pixels=np.zeros(0, np.float32), n_images=0)
+            return out
+        out.update(input_ids=np.asarray(ids, np.int32), labels=np.asarray(labels, np.int32),
+                   pixels=pixels.reshape(-1), n_images=len(images))
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        prepared = [self.prepare(r, p) for r, p in zip(batch["row"], batch["position"])]
+        out: dict[str, Any] = {"position": np.asarray(batch["position"], np.int64)}
+        for key in ("sample_id", "task_type", "error", "n_images"):
+            out[key] = np.array([p[key] for p in prepared])
+        for key in ("input_ids", "labels", "pixels"):
+            col = np.empty(len(prepared), dtype=object)
+            col[:] = [p[key] for p in prepared]
+            out[key] = col
+        return out
+
+
+def prepare_args(exp: Experiment, corpus_dir: str, split: str, tokenizer_dir: str, tokens_per_image: int,
+                 stage: str) -> dict:
+    return dict(corpus_dir=str(corpus_dir), split=split, tokenizer_dir=str(tokenizer_dir),
+                image_size=exp.data.image_size, image_mean=exp.model.image_mean, image_std=exp.model.image_std,
+                box_convention=exp.data.box_convention, tokens_per_image=tokens_per_image,
+                max_seq_len=exp.train.max_seq_len, stage=stage, mrg_format=exp.data.mrg_format)
+
+
+def _preprocess(ds, exp: Experiment, args: dict):
+    import ray
+
+    return ds.map_batches(
+        PrepareSamples, fn_constructor_kwargs=args, batch_size=8, num_cpus=exp.data.preprocess_cpus,
+        compute=ray.data.ActorPoolStrategy(size=exp.data.preprocess_actors),
+    )
+
+
+def train_stream(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: str, tokens_per_image: int,
+                 total: int, marker: str | None = None):
+    """The training stream of `total` mixture positions as a Ray Dataset (in stream order)."""
+    import ray
+
+    mixture = stage_mixture(exp, stage, corpus_dir)
+    rows_by_pair = pair_rows(corpus_dir, mixture)
+    blocks = max(1, min(200, total // 256))
+    # positions as in-memory blocks (no read task: on a small machine every CPU is spoken for)
+    ds = ray.data.from_numpy(np.array_split(np.arange(total, dtype=np.int64), blocks))
+    ds = ds.map_batches(draw_rows, fn_kwargs={"mixture": mixture, "rows_by_pair": rows_by_pair, "marker": marker},
+                        batch_size=None, num_cpus=0.1)
+    return _preprocess(ds, exp, prepare_args(exp, corpus_dir, "train", tokenizer_dir, tokens_per_image, stage))
+
+
+def validation_rows(corpus_dir: str | Path, count: int, stage: str, split: str = "validate") -> np.ndarray:
+    """A fixed validation set: `count` rows taken round-robin over the tasks (stage 1: reports)."""
+    table = pq.read_table(samples_path(corpus_dir, split), columns=["task"])
+    tasks = np.array(table.column("task").to_pylist())
+    if stage == "pretrain":
+        return np.flatnonzero(np.isin(tasks, PRETRAIN_TASKS))[:count]
+    by_task = [np.flatnonzero(tasks == t) for t in sorted(set(tasks))]
+    picked: list[int] = []
+    for i in range(max((len(r) for r in by_task), default=0)):
+        for r in by_task:
+            if i < len(r) and len(picked) < count:
+                picked.append(int(r[i]))
+    return np.array(sorted(picked), dtype=np.int64)
+
+
+def validation_set(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: str, tokens_per_image: int):
+    import ray
+
+    rows = validation_rows(corpus_dir, exp.train.val_samples, stage)
+    ds = ray.data.from_items([{"position": -1, "row": int(r)} for r in rows])
+    return _preprocess(ds, exp, prepare_args(exp, corpus_dir, "validate", tokenizer_dir, tokens_per_image, stage))
+
+
+# ----------------------------------------------------------------------------- in the worker
+
+
+def step_batches(rows: dict[str, np.ndarray], micro_batch: int, pad_id: int, image_size: int,
+                 group_by_length: bool = True) -> tuple[list[dict], dict]:
+    """One optimizer step's rows -> padded micro-batches (sorted by length when grouping), and
+    counts: real and padded tokens, errors with their sample ids."""
+    import torch
+
+    from m4cxr.model.m4cxr import pad_batch
+
+    ok = [i for i, e in enumerate(rows["error"]) if not e]
+    errors = [f"{rows['sample_id'][i]}: {rows['error'][i]}" for i, e in enumerate(rows["error"]) if e]
+    if group_by_length:
+        ok.sort(key=lambda i: len(rows["input_ids"][i]))
+    batches, real, padded = [], 0, 0
+    for start in range(0, len(ok), micro_batch):
+        idx = ok[start:start + micro_batch]
+        ids = [rows["input_ids"][i].tolist() for i in idx]
+        batch = pad_batch(ids, [rows["labels"][i].tolist() for i in idx], pad_id)
+        pixels = [np.asarray(rows["pixels"][i], np.float32).reshape(-1, 3, image_size, image_size) for i in idx]
+        batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels)) if pixels else None
+        batch["task_type"] = [rows["task_type"][i] for i in idx]
+        real += sum(len(x) for x in ids)
+        padded += batch["input_ids"].numel()
+        batches.append(batch)
+    return batches, {"tokens": real, "padded_tokens": padded, "errors": errors, "rows": len(rows["error"])}

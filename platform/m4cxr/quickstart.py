@@ -1,0 +1,51 @@
+"""The main job: the whole platform on the synthetic world, on a laptop CPU.
+
+synthetic world -> tokenizer -> stage 1 (projector) -> stage 2 (instruction tuning) -> summary.
+Evaluation, the sweep and serving add their sections to the same summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from m4cxr.config import load_experiment
+from m4cxr.data.synthetic import synthesize
+from m4cxr.train.run import prepare_tokenizer, run_stage
+
+
+def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart.yaml", overrides=()) -> dict:
+    out = Path(out).resolve()
+    exp = load_experiment(config, [f"data.corpus_dir={out / 'corpus'}", f"train.output_dir={out / 'train'}", *overrides])
+    started = time.time()
+    summary: dict = {"experiment": str(config), "out": str(out)}
+
+    print(f"quickstart 1/4: synthetic world ({exp.data.synthetic.patients} patients) -> {exp.data.corpus_dir}")
+    manifest = synthesize(exp.data.corpus_dir, exp.data.synthetic, exp.data.box_convention, exp.data.system_prompt)
+    summary["data"] = {"corpus": exp.data.corpus_dir, "samples": manifest["samples"], "images": manifest["images"],
+                       "patients": manifest["patients"], "leakage": manifest["leakage"]["patients_in_several_splits"]}
+
+    print("quickstart 2/4: tokenizer")
+    prepare_tokenizer(exp, exp.data.corpus_dir)
+
+    print(f"quickstart 3/4: stage 1, projector pre-training ({exp.train.pretrain.training_steps} steps)")
+    stage1 = run_stage(exp, "pretrain", exp.data.corpus_dir)
+    print(f"quickstart 4/4: stage 2, instruction tuning ({exp.train.instruction.training_steps} steps)")
+    stage2 = run_stage(exp, "instruction", exp.data.corpus_dir, init_checkpoint=stage1["checkpoint"])
+    summary["train"] = {
+        "val_loss_first": stage2["val_loss_first"], "val_loss_last": stage2["val_loss_last"],
+        "steps": stage2["steps"], "nonpad_token_share": stage2["nonpad_token_share"],
+        "checkpoint": stage2["checkpoint"], "skipped_samples": stage2["skipped_samples"],
+        "seconds": round(stage1["seconds"] + stage2["seconds"], 1), "pretrain": stage1,
+    }
+    summary["seconds"] = round(time.time() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    t = summary["train"]
+    print(f"\nquickstart done in {summary['seconds']:.0f}s -> {out / 'summary.json'}\n"
+          f"  data: {summary['data']['samples']} samples, {summary['data']['images']} images, leakage {summary['data']['leakage']}\n"
+          f"  stage 1: val loss {stage1['val_loss_first']:.3f} -> {stage1['val_loss_last']:.3f} in {stage1['steps']} steps\n"
+          f"  stage 2: val loss {t['val_loss_first']:.3f} -> {t['val_loss_last']:.3f} in {t['steps']} steps, "
+          f"non-padding tokens {t['nonpad_token_share']:.0%}\n"
+          f"  model: {t['checkpoint']}")
+    return summary

@@ -1,0 +1,268 @@
+"""The Ray Train loop of both stages (runs in every worker).
+
+AdamW (betas, eps, weight decay from the config), linear warm-up then cosine decay over
+max_steps, gradient clipping, gradient accumulation (micro batch x workers x accumulation =
+global batch), bf16 autocast on GPU, optional DeepSpeed. The loss is logged per task type. A
+checkpoint every `train.checkpoint_every` steps goes through ray.train.report; a restarted
+worker resumes from ray.train.get_checkpoint() with model, optimiser, scheduler, step and the
+position in the mixture stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m4cxr.config import experiment_from_dict
+from m4cxr.data.pipeline import step_batches, write_marker
+from m4cxr.model.m4cxr import describe_counts
+
+STATE_FILE = "train_state.pt"
+
+
+class DataBudgetExceeded(RuntimeError):
+    pass
+
+
+def check_error_budget(errors: int, rows: int, budget: float, recent: list[str]) -> None:
+    """Stop the run once more than `budget` of the streamed samples have failed."""
+    if errors > budget * rows:
+        raise DataBudgetExceeded(
+            f"{errors} of {rows} streamed samples failed, over data.error_budget {budget}; "
+            f"last: {recent[-1] if recent else '-'}")
+
+
+def warmup_cosine(warmup: int, max_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed cross-entropy of the next-token targets, and the number of targets."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none",
+    ).view(shift_labels.shape)
+    return ce.sum(1), (shift_labels != -100).sum(1)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoTokenizer
+
+    from m4cxr.model.checkpoint import load_checkpoint, save_checkpoint
+    from m4cxr.model.m4cxr import build_model
+
+    exp = experiment_from_dict(config["experiment"], config.get("source", "<train config>"))
+    stage_name = config["stage"]
+    stage = getattr(exp.train, stage_name)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    say = (lambda msg: print(f"[{stage_name}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+
+    micro = exp.train.micro_batch_size
+    if stage.global_batch_size % (micro * world):
+        raise ValueError(f"train.{stage_name}.global_batch_size {stage.global_batch_size} is not a multiple of "
+                         f"train.micro_batch_size {micro} x {world} workers")
+    accum = stage.global_batch_size // (micro * world)
+
+    torch.manual_seed(exp.train.seed)  # the same frozen random weights on every (re)start
+    if config.get("init_checkpoint"):
+        model, _ = load_checkpoint(config["init_checkpoint"], trainable=True)
+    else:
+        model = build_model(exp, AutoTokenizer.from_pretrained(config["tokenizer_dir"]), on_gpu=on_gpu)
+    counts = model.set_trainable(stage.trainable)
+    say(f"trainable parameters: {describe_counts(counts)}; accumulation {accum} x micro batch {micro} x {world} worker(s)")
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(exp.train.betas), eps=exp.train.eps,
+                                  weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage.warmup_steps, stage.max_steps))
+
+    step, position, history = 0, 0, []
+    errors_seen, rows_seen, val_first = 0, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+        missing = set(state["model"]) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise RuntimeError(f"the checkpoint does not fit the model: unknown parameters {sorted(missing)[:5]}")
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, position, history = state["step"], state["position"], state["history"]
+        errors_seen, rows_seen, val_first = state["errors_seen"], state["rows_seen"], state["val_loss_first"]
+        say(f"resumed from the checkpoint at step {step}, stream position {position}")
+
+    core = model
+    engine = None
+    if exp.train.deepspeed:
+        engine = deepspeed_engine(exp, model, optimizer, scheduler, micro, accum)
+    elif world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def forward(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and exp.train.precision == "bf16"):
+            out = (engine or model)(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                    pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device))
+        return token_losses(out.logits, batch["labels"].to(device))
+
+    pad_id = core.tokenizer.pad_token_id
+    val_batches = []
+    for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=micro * 4, batch_format="numpy"):
+        batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size)
+        for e in stats["errors"]:
+            say(f"validation sample skipped: {e}")
+        val_batches += batches
+
+    def validate() -> float:
+        core.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in val_batches:
+                loss_sum, n = forward(batch)
+                total += float(loss_sum.sum())
+                count += int(n.sum())
+        core.train()
+        return total / max(1, count)
+
+    if val_first is None:  # a fresh run
+        if rank == 0:
+            (Path(config["run_dir"]) / "metrics.jsonl").write_text("")
+        val_first = validate()
+        say(f"validation loss before training: {val_first:.4f}")
+
+    shard = ray.train.get_dataset_shard("train")
+    rows_per_step = micro * accum
+    fail_at = int(config.get("inject_failure_at", -1))  # fault injection, to test recovery
+    fail_flag = Path(config["run_dir"]) / "injected_failure"
+    core.train()
+    started, tokens_real, tokens_padded, first_step = time.time(), 0, 0, step
+    metrics: dict = {}
+    for rows in shard.iter_batches(batch_size=rows_per_step, batch_format="numpy", drop_last=True, prefetch_batches=2):
+        if step >= stage.training_steps:
+            break
+        keep = rows["position"] >= position  # a resumed run never repeats the stream
+        if not keep.all():
+            rows = {k: v[keep] for k, v in rows.items()}
+            if len(rows["position"]) == 0:
+                continue
+        batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.data.length_grouping)
+        rows_seen += stats["rows"]
+        errors_seen += len(stats["errors"])
+        for e in stats["errors"]:
+            print(f"[{stage_name}] worker {rank}: sample skipped: {e}", flush=True)
+        check_error_budget(errors_seen, rows_seen, exp.data.error_budget, stats["errors"])
+        tokens_real += stats["tokens"]
+        tokens_padded += stats["padded_tokens"]
+        by_type: dict[str, list[float]] = {}
+        step_loss_sum, step_tokens = 0.0, 0
+        for k, batch in enumerate(batches):
+            loss_sum, n = forward(batch)
+            loss = loss_sum.sum() / n.sum().clamp(min=1)
+            if engine is not None:
+                engine.backward(loss)
+                engine.step()
+            else:
+                sync = world == 1 or k == len(batches) - 1 or not hasattr(model, "no_sync")
+                ctx_mgr = model.no_sync() if not sync else _null()
+                with ctx_mgr:
+                    (loss / len(batches)).backward()
+            step_loss_sum += float(loss_sum.sum())
+            step_tokens += int(n.sum())
+            for t, ls, nn_ in zip(batch["task_type"], loss_sum.tolist(), n.tolist()):
+                by_type.setdefault(t, [0.0, 0])
+                by_type[t][0] += ls
+                by_type[t][1] += nn_
+        if engine is None:
+            torch.nn.utils.clip_grad_norm_(params, exp.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        position = int(rows["position"].max()) + 1
+        if world > 1:
+            t = torch.tensor([position], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            position = int(t)
+        train_loss = step_loss_sum / max(1, step_tokens)
+        history.append([step, train_loss])
+        metrics = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0], "position": position,
+                   "first_position": int(rows["position"].min()),
+                   "nonpad_token_share": tokens_real / max(1, tokens_padded), "skipped_samples": errors_seen,
+                   "samples_per_s": (step - first_step) * rows_per_step * world / max(1e-9, time.time() - started),
+                   "val_loss_first": val_first}
+        for t, (ls, nn_) in by_type.items():
+            metrics[f"loss_{t}"] = ls / max(1, nn_)
+        if step == fail_at and not fail_flag.exists():
+            fail_flag.parent.mkdir(parents=True, exist_ok=True)
+            fail_flag.write_text(str(step))
+            raise RuntimeError(f"injected failure at step {step} (inject_failure_at)")
+        last = step >= stage.training_steps
+        if (exp.train.eval_every and step % exp.train.eval_every == 0) or last:
+            metrics["val_loss"] = validate()
+        if rank == 0:
+            with open(Path(config["run_dir"]) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if step % exp.train.log_every == 0 or last:
+            say(f"step {step}/{stage.training_steps} loss {train_loss:.4f} lr {metrics['lr']:.2e} "
+                f"non-pad {metrics['nonpad_token_share']:.2f}" + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""))
+        if step % exp.train.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    torch.save({"model": trainable_state(core), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "step": step, "position": position,
+                                "history": history, "errors_seen": errors_seen, "rows_seen": rows_seen,
+                                "val_loss_first": val_first}, Path(tmp) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+            if rank == 0:  # after the checkpoint is stored: the marker never runs ahead of it
+                write_marker(config["marker"], position, step)
+        elif step % exp.train.log_every == 0:
+            ray.train.report(metrics)
+    if step < stage.training_steps:
+        raise RuntimeError(f"the training stream ended at step {step} of {stage.training_steps}")
+    if rank == 0:
+        save_checkpoint(core, exp, config["final_dir"])
+        say(f"final model: {config['final_dir']}")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def deepspeed_engine(exp, model, optimizer, scheduler, micro: int, accum: int):
+    """DeepSpeed ZeRO from the JSON file named by train.deepspeed (batch sizes and clipping are
+    set from the experiment so the two never disagree)."""
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ImportError("train.deepspeed is set but DeepSpeed is not installed: pip install -e '.[gpu]'") from err
+    ds_config = json.loads(Path(exp.train.deepspeed).read_text())
+    ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+                     gradient_clipping=exp.train.grad_clip)
+    ds_config.setdefault("bf16", {"enabled": exp.train.precision == "bf16" and torch.cuda.is_available()})
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine

@@ -1,0 +1,113 @@
+"""The data path pieces without a cluster: the resumable draw, preprocessing, micro-batches."""
+
+import json
+
+import numpy as np
+import pytest
+
+from m4cxr.config import load_experiment
+from m4cxr.data.pipeline import (
+    PrepareSamples, draw_rows, pair_rows, prepare_args, stage_mixture, step_batches, validation_rows, write_marker,
+)
+from m4cxr.data.schema import read_sample_table
+from m4cxr.train.loop import DataBudgetExceeded, check_error_budget, warmup_cosine
+from m4cxr.train.run import prepare_tokenizer
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def setup(synthetic_corpus):
+    corpus, _ = synthetic_corpus
+    exp = load_experiment(ROOT / "experiments/quickstart.yaml", [f"data.corpus_dir={corpus}"])
+    tok_dir = prepare_tokenizer(exp, corpus)
+    return exp, str(corpus), tok_dir
+
+
+def test_draw_is_resumable_and_skips_consumed_positions(setup, tmp_path):
+    exp, corpus, _ = setup
+    mixture = stage_mixture(exp, "instruction", corpus)
+    rows_by_pair = pair_rows(corpus, mixture)
+    full = draw_rows({"data": np.arange(0, 100)}, mixture, rows_by_pair)
+    assert (full["position"] == np.arange(100)).all()
+    tasks = read_sample_table(corpus, "train").column("task").to_pylist()
+    drawn_tasks = {tasks[r] for r in full["row"]}
+    assert len(drawn_tasks) > 8  # the stream mixes many tasks
+    marker = tmp_path / "stream_position.json"
+    write_marker(str(marker), 40, 5)
+    resumed = draw_rows({"data": np.arange(0, 100)}, mixture, rows_by_pair, str(marker))
+    assert (resumed["position"] == np.arange(40, 100)).all()
+    assert (resumed["row"] == full["row"][40:]).all()
+    # stage 1 draws report samples only
+    pre = stage_mixture(exp, "pretrain", corpus)
+    rows = draw_rows({"data": np.arange(50)}, pre, pair_rows(corpus, pre))["row"]
+    assert {tasks[r] for r in rows} == {"single_image"}
+
+
+def test_prepare_samples_and_bad_rows(setup, tmp_path):
+    exp, corpus, tok_dir = setup
+    prep = PrepareSamples(**prepare_args(exp, corpus, "train", tok_dir, 16, "instruction"))
+    table = prep.table.to_pylist()
+    row = next(i for i, s in enumerate(table) if s["task"] == "multi_study")
+    out = prep({"row": np.array([row]), "position": np.array([7])})
+    n_images = len(table[row]["images"])
+    assert out["error"][0] == "" and out["n_images"][0] == n_images
+    assert out["pixels"][0].shape == (n_images * 3 * 112 * 112,)
+    assert (out["input_ids"][0] == prep.tokenizer.convert_tokens_to_ids("<image>")).sum() == 16 * n_images
+    # a corrupt image becomes an error row that names the sample, not a crash or a silent drop
+    image = prep.store.path(table[row]["images"][0]["image_id"])
+    saved = image.read_bytes()
+    try:
+        image.write_bytes(b"\x89PNG broken")
+        bad = prep({"row": np.array([row]), "position": np.array([7])})
+    finally:
+        image.write_bytes(saved)
+    assert table[row]["sample_id"] == bad["sample_id"][0]
+    assert "cannot identify image file" in bad["error"][0] and image.name in bad["error"][0]
+    assert len(bad["input_ids"][0]) == 0
+    # single-turn report generation (Exp1) and the separate findings question (Exp2)
+    single = PrepareSamples(**{**prepare_args(exp, corpus, "train", tok_dir, 16, "instruction"), "mrg_format": "single_turn"})
+    turns, _ = single.conversation(table[row], 0)
+    assert [t["role"] for t in turns] == ["system", "user", "assistant"] and turns[2]["content"] == table[row]["report"]
+    separate = PrepareSamples(**{**prepare_args(exp, corpus, "train", tok_dir, 16, "instruction"), "mrg_format": "separate"})
+    assert separate.conversation(table[row], 1)[0][-1]["content"] == table[row]["turns"][2]["content"]
+    assert separate.conversation(table[row], 2)[0][-1]["content"] == table[row]["report"]
+    # stage 1: the image and its report, no instruction
+    pre = PrepareSamples(**prepare_args(exp, corpus, "train", tok_dir, 16, "pretrain"))
+    single_row = next(i for i, s in enumerate(table) if s["task"] == "single_image")
+    turns, images = pre.conversation(table[single_row], 0)
+    assert turns == [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": table[single_row]["report"]}]
+
+
+def test_length_grouping_cuts_padding(setup):
+    exp, corpus, tok_dir = setup
+    prep = PrepareSamples(**prepare_args(exp, corpus, "train", tok_dir, 16, "instruction"))
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(prep.table), size=64, replace=False)
+    prepared = prep({"row": rows, "position": np.arange(64)})
+    prepared["error"] = prepared["error"].astype(object)
+    prepared["error"][3] = "OSError: broken"
+    grouped, g = step_batches(prepared, 4, 0, 112, group_by_length=True)
+    plain, p = step_batches(prepared, 4, 0, 112, group_by_length=False)
+    assert g["tokens"] == p["tokens"]
+    assert g["tokens"] / g["padded_tokens"] > p["tokens"] / p["padded_tokens"]
+    assert g["tokens"] / g["padded_tokens"] > 0.9
+    assert len(g["errors"]) == 1 and "OSError" in g["errors"][0] and g["rows"] == 64
+    assert sum(len(b["task_type"]) for b in grouped) == 63
+    assert grouped[0]["pixel_values"].shape[1:] == (3, 112, 112)
+
+
+def test_validation_rows_cover_all_tasks(setup):
+    _, corpus, _ = setup
+    rows = validation_rows(corpus, 34, "instruction")
+    tasks = read_sample_table(corpus, "validate").column("task").to_pylist()
+    assert len(rows) == 34 and len({tasks[r] for r in rows}) == 17
+
+
+def test_schedule_and_error_budget():
+    f = warmup_cosine(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    check_error_budget(1, 200, 0.01, ["a"])
+    with pytest.raises(DataBudgetExceeded, match="3 of 200 streamed samples failed.*last: s9: OSError"):
+        check_error_budget(3, 200, 0.01, ["s9: OSError: broken"])
