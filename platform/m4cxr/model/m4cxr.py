@@ -56,8 +56,11 @@ def llm_architecture(cfg: ModelConfig, vocab_size: int | None = None):
     if cfg.llm_config:
         fields = dict(cfg.llm_config)
         model_type = fields.pop("model_type", "mistral")
-        if vocab_size is not None:
-            fields["vocab_size"] = vocab_size
+        if vocab_size is not None:  # the tokenizer's size, unless the config names one
+            if fields.get("vocab_size", vocab_size) < vocab_size:
+                raise ValueError(f"model.llm_config.vocab_size {fields['vocab_size']} is smaller than the "
+                                 f"tokenizer's {vocab_size} tokens")
+            fields.setdefault("vocab_size", vocab_size)
         return AutoConfig.for_model(model_type, **fields)
     return AutoConfig.from_pretrained(cfg.llm)
 

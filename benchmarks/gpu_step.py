@@ -1,0 +1,155 @@
+"""Training-step speed of the full-size M4CXR (Rad-DINO + C-Abstractor + Mistral-7B, LoRA) on one GPU.
+
+Random weights from the published architecture numbers (no download), bf16, flash-attention 2
+when flash-attn is installed and sdpa otherwise. Times stage-2 steps (encoder, projector and
+LoRA trainable) at the paper's sequence lengths: 1, 2, 5 and 10 images of 361 visual tokens plus
+text, and prints tokens/s and MFU. Also checks that batched greedy generation equals one-by-one
+generation in bf16. Writes a JSON result with --out.
+
+    python benchmarks/gpu_step.py --out benchmarks/gpu_step.json          # on a GPU machine
+    python benchmarks/gpu_step.py --tiny                                   # a CPU smoke run
+
+Needs torch, transformers, peft (not Ray). Not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+import torch  # noqa: E402
+
+from m4cxr.config import experiment_from_dict  # noqa: E402
+from m4cxr.model.m4cxr import build_model, flash_attn_available  # noqa: E402
+from m4cxr.model.summary import published_architectures  # noqa: E402
+from m4cxr.model.tokenizer import train_tiny_tokenizer  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+def experiment(tiny: bool) -> dict:
+    arch = published_architectures()
+    vision = dict(arch["rad_dino"])
+    llm = {"model_type": "mistral", **arch["mistral_7b_instruct_v0_2"]}
+    projector = {"depth": 3, "mlp_depth": 2, "hidden_size": 1024, "num_query_tokens": 361}
+    image_size = 518
+    if tiny:
+        vision.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
+        llm.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+        projector = {"depth": 1, "mlp_depth": 2, "hidden_size": 64, "num_query_tokens": 16}
+        image_size = 112
+    vision.pop("image_size", None)
+    return {"name": "gpu-step", "data": {"image_size": image_size},
+            "model": {"vision_config": vision, "llm_config": llm, "projector": projector, "attention": "auto",
+                      "lora": {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, for a CPU smoke run")
+    parser.add_argument("--images", default="1,2,5,10")
+    parser.add_argument("--text-tokens", type=int, default=300, help="text tokens per sample besides images")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    exp = experiment_from_dict(experiment(args.tiny))
+    tok = train_tiny_tokenizer(["radiology image <image> findings report"] * 10, 200)
+    started = time.time()
+    with torch.device(device):
+        model = build_model(exp, tok, on_gpu=on_gpu, dtype=torch.bfloat16 if on_gpu else None)
+    model.to(device)
+    if on_gpu:
+        model.vision.to(torch.bfloat16)
+        model.projector.to(torch.bfloat16)
+    counts = model.set_trainable(["vision_encoder", "projector", "llm_lora"])
+    attention = model.llm.config._attn_implementation
+    build_s = time.time() - started
+    print(f"built in {build_s:.1f}s on {device}; attention {attention}; trainable {counts}", flush=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    n_llm = sum(p.numel() for p in model.llm.parameters())
+    n_vision = sum(p.numel() for p in model.vision.parameters())
+    n_proj = sum(p.numel() for p in model.projector.parameters())
+    cfg = model.llm.config
+    per_image = model.tokens_per_image
+    enc_tokens = model.vision.num_tokens(model.image_size)
+    gpu_name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu_name), None)
+
+    results = []
+    for n_images in [int(x) for x in args.images.split(",")]:
+        seq = n_images * per_image + args.text_tokens
+        ids = torch.randint(10, cfg.vocab_size - 1, (1, seq), device=device)
+        ids[0, 5:5 + n_images * per_image] = model.image_token_id
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                 "pixel_values": torch.randn(n_images, 3, model.image_size, model.image_size, device=device)}
+        batch["labels"][0, : seq - args.text_tokens // 2] = -100  # loss on the answer part
+        try:
+            for i in range(args.warmup + args.steps):
+                if i == args.warmup:
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    t0 = time.time()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+                    loss = model(**batch).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if on_gpu:
+                torch.cuda.synchronize()
+            step_s = (time.time() - t0) / args.steps
+        except torch.OutOfMemoryError as err:
+            results.append({"images": n_images, "seq_len": seq, "error": f"out of memory: {str(err)[:120]}"})
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(f"{n_images} image(s), {seq} tokens: out of memory", flush=True)
+            continue
+        # FLOPs: the frozen LLM needs forward (2N) and activation gradients (2N) per token plus
+        # LoRA's small weight gradients; attention 4 * layers * seq * hidden per token forward,
+        # doubled for backward; encoder and projector train fully (6N per token / per image).
+        attn = 4 * cfg.num_hidden_layers * seq * cfg.hidden_size * 3
+        flops = seq * (4 * n_llm + attn) + n_images * (6 * n_vision * enc_tokens + 6 * n_proj * per_image)
+        row = {"images": n_images, "seq_len": seq, "step_s": round(step_s, 4),
+               "tokens_per_s": round(seq / step_s, 1), "tflops": round(flops / step_s / 1e12, 1),
+               "mfu": round(flops / step_s / peak, 3) if peak else None,
+               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if on_gpu else None}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    # batched greedy generation must equal one-by-one generation (left padding), also in bf16
+    model.eval()
+    from PIL import Image
+
+    img = Image.new("L", (model.image_size, model.image_size), 128)
+    convs = [[{"role": "user", "content": "<image> findings"}],
+             [{"role": "user", "content": "<image> <image> report findings radiology image report"}]]
+    images = [[img], [img, img]]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        batched = model.generate(convs, images, max_new_tokens=8)
+        single = [model.generate([c], [i], max_new_tokens=8)[0] for c, i in zip(convs, images)]
+    check = {"batched_equals_single": batched == single, "batched": batched, "single": single}
+    print(json.dumps(check), flush=True)
+
+    out = {"device": gpu_name, "torch": torch.__version__, "attention": attention,
+           "flash_attn_installed": flash_attn_available(), "dtype": "bf16" if on_gpu else "fp32",
+           "params": {"llm": n_llm, "vision": n_vision, "projector": n_proj}, "trainable": counts,
+           "build_s": round(build_s, 1), "steps": results, "generation_check": check, "tiny": args.tiny,
+           "date": time.strftime("%Y-%m-%d")}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps({k: v for k, v in out.items() if k != "steps"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Training on Ray: recovery from a worker failure, the quickstart, and the cluster file."""
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from m4cxr.config import load_experiment
+from m4cxr.train.run import run_stage
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_worker_failure_resumes_from_checkpoint(ray_local, synthetic_corpus, tmp_path):
+    corpus, _ = synthetic_corpus
+    exp = load_experiment(ROOT / "experiments/quickstart.yaml", [
+        f"train.output_dir={tmp_path}", "train.instruction.training_steps=12", "train.instruction.max_steps=12",
+        "train.instruction.global_batch_size=4", "train.micro_batch_size=2", "train.checkpoint_every=4",
+        "train.log_every=1", "train.val_samples=8", "train.max_failures=1"])
+    summary = run_stage(exp, "instruction", corpus, run_name="chaos", inject_failure_at=6)
+    log = [json.loads(line) for line in (tmp_path / "chaos/metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in log]
+    # first attempt: steps 1-5 (it fails at 6); the checkpoint is at step 4, so the second attempt
+    # continues with step 5 rather than starting over
+    assert steps == [1, 2, 3, 4, 5] + list(range(5, 13)), steps
+    assert (tmp_path / "chaos/injected_failure").exists()
+    before, after = log[4], log[5]
+    assert before["step"] == after["step"] == 5
+    # the mixture stream continues where the checkpoint left it (4 steps x 4 samples) ...
+    assert before["first_position"] == after["first_position"] == 16
+    assert [m["first_position"] for m in log[5:]] == [16 + 4 * i for i in range(8)]
+    # ... and so does the loss curve: the same samples with the restored model give the same loss
+    assert after["loss"] == pytest.approx(before["loss"], rel=1e-3)
+    assert after["lr"] == pytest.approx(before["lr"])
+    assert summary["steps"] == 12 and (tmp_path / "chaos/final/m4cxr.json").exists()
+
+
+def test_quickstart_learns(ray_local, tmp_path):
+    from m4cxr.quickstart import run_quickstart
+
+    summary = run_quickstart(tmp_path / "qs", ROOT / "experiments/quickstart.yaml", [
+        "data.synthetic.patients=60", "train.pretrain.training_steps=10", "train.pretrain.max_steps=10",
+        "train.instruction.training_steps=80", "train.instruction.max_steps=80", "train.val_samples=24"])
+    on_disk = json.loads((tmp_path / "qs/summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    train = summary["train"]
+    assert train["steps"] == 80
+    assert train["val_loss_last"] < 0.6 * train["val_loss_first"], train
+    assert 0.5 < train["nonpad_token_share"] <= 1.0
+    from m4cxr.model.checkpoint import load_checkpoint
+
+    model, exp = load_checkpoint(train["checkpoint"])
+    assert exp.name == "quickstart" and model.tokens_per_image == 16
+
+
+def test_cluster_file_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+    workers = cfg["available_node_types"]["h100_worker"]
+    assert workers["resources"]["GPU"] >= 1 and workers["max_workers"] > workers["min_workers"]
+    assert cfg["docker"]["image"].startswith("rayproject/ray:") and "ray-ml" not in cfg["docker"]["image"]
+    assert any("[gpu]" in c for c in cfg["setup_commands"])
+    broken = copy.deepcopy(cfg)
+    broken["available_node_types"]["h100_worker"]["min_worker"] = 1
+    with pytest.raises(Exception, match="min_worker"):
+        validate_config(prepare_config(broken))
