@@ -52,8 +52,9 @@ def test_prepare_samples_and_bad_rows(setup, tmp_path):
     out = prep({"row": np.array([row]), "position": np.array([7])})
     n_images = len(table[row]["images"])
     assert out["error"][0] == "" and out["n_images"][0] == n_images
-    assert out["pixels"][0].shape == (n_images * 3 * 112 * 112,)
-    assert (out["input_ids"][0] == prep.tokenizer.convert_tokens_to_ids("<image>")).sum() == 16 * n_images
+    assert len(out["pixels"][0]) == n_images * 112 * 112  # one uint8 byte per pixel
+    ids = np.frombuffer(out["input_ids"][0], np.int32)
+    assert (ids == prep.tokenizer.convert_tokens_to_ids("<image>")).sum() == 16 * n_images
     # a corrupt image becomes an error row that names the sample, not a crash or a silent drop
     image = prep.store.path(table[row]["images"][0]["image_id"])
     saved = image.read_bytes()
@@ -64,7 +65,7 @@ def test_prepare_samples_and_bad_rows(setup, tmp_path):
         image.write_bytes(saved)
     assert table[row]["sample_id"] == bad["sample_id"][0]
     assert "cannot identify image file" in bad["error"][0] and image.name in bad["error"][0]
-    assert len(bad["input_ids"][0]) == 0
+    assert len(bad["input_ids"][0]) == 0 and bad["n_images"][0] == 0
     # single-turn report generation (Exp1) and the separate findings question (Exp2)
     single = PrepareSamples(**{**prepare_args(exp, corpus, "train", tok_dir, 16, "instruction"), "mrg_format": "single_turn"})
     turns, _ = single.conversation(table[row], 0)
@@ -87,14 +88,25 @@ def test_length_grouping_cuts_padding(setup):
     prepared = prep({"row": rows, "position": np.arange(64)})
     prepared["error"] = prepared["error"].astype(object)
     prepared["error"][3] = "OSError: broken"
-    grouped, g = step_batches(prepared, 4, 0, 112, group_by_length=True)
-    plain, p = step_batches(prepared, 4, 0, 112, group_by_length=False)
+    norm = (exp.model.image_mean, exp.model.image_std)
+    grouped, g = step_batches(prepared, 4, 0, 112, *norm, group_by_length=True)
+    plain, p = step_batches(prepared, 4, 0, 112, *norm, group_by_length=False)
     assert g["tokens"] == p["tokens"]
     assert g["tokens"] / g["padded_tokens"] > p["tokens"] / p["padded_tokens"]
     assert g["tokens"] / g["padded_tokens"] > 0.9
     assert len(g["errors"]) == 1 and "OSError" in g["errors"][0] and g["rows"] == 64
     assert sum(len(b["task_type"]) for b in grouped) == 63
     assert grouped[0]["pixel_values"].shape[1:] == (3, 112, 112)
+    # the worker's normalisation matches the model's own preprocessing of the same images
+    from m4cxr.model.vision import pixel_values
+
+    first = next(i for i in range(64) if not prepared["error"][i])
+    sample = prep.table.slice(int(rows[first]), 1).to_pylist()[0]
+    images = [prep.store.load(i["image_id"]) for i in sample["images"]]
+    one, _ = step_batches({k: v[first:first + 1] for k, v in prepared.items()}, 4, 0, 112, *norm)
+    import torch
+
+    assert torch.allclose(one[0]["pixel_values"], pixel_values(images, 112, *norm), atol=1e-6)
 
 
 def test_validation_rows_cover_all_tasks(setup):

@@ -97,7 +97,7 @@ class PrepareSamples:
         self.table = pq.read_table(samples_path(corpus_dir, split))
         self.store = ImageStore(corpus_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.image_args = (image_size, image_mean, image_std, box_convention)
+        self.image_size, self.box_convention = image_size, box_convention
         self.tokens_per_image = tokens_per_image
         self.max_seq_len = max_seq_len
         self.stage = stage
@@ -122,45 +122,42 @@ class PrepareSamples:
                   "report": sample["report"], "findings": [], "positives": []}
         return render_conversation(sample["task"], fields, turns[0]["content"], cot=False), image_ids
 
-    def prepare(self, row: int, position: int = 0) -> dict[str, Any]:
+    def prepare(self, sample: dict, position: int = 0) -> dict[str, Any]:
         from PIL import Image
 
         from m4cxr.model.tokenizer import encode_conversation
-        from m4cxr.model.vision import pixel_values
+        from m4cxr.model.vision import image_array
 
-        sample = self.table.slice(int(row), 1).to_pylist()[0]
         out = {"sample_id": sample["sample_id"], "task_type": sample["task_type"], "error": ""}
         try:
             turns, image_ids = self.conversation(sample, position)
             placeholders = sum(t["content"].count("<image>") for t in turns if t["role"] == "user")
             if placeholders != len(image_ids):
                 raise ValueError(f"{placeholders} <image> placeholders but {len(image_ids)} images")
-            images = []
+            pixels = []
             for image_id in image_ids:
                 with Image.open(self.store.path(image_id)) as im:
-                    im.load()
-                    images.append(im.convert("L"))
+                    pixels.append(image_array(im, self.image_size, self.box_convention))
             ids, labels = encode_conversation(self.tokenizer, turns, self.tokens_per_image)
             if len(ids) > self.max_seq_len:
                 raise ValueError(f"{len(ids)} tokens, over train.max_seq_len {self.max_seq_len}")
-            pixels = pixel_values(images, *self.image_args).numpy()
         except (OSError, ValueError, KeyError) as err:
-            out.update(error=f"{type(err).__name__}: {err}", input_ids=np.zeros(0, np.int32),
-                       labels=np.zeros(0, np.int32), pixels=np.zeros(0, np.float32), n_images=0)
+            out.update(error=f"{type(err).__name__}: {err}", input_ids=b"", labels=b"", pixels=b"", n_images=0)
             return out
-        out.update(input_ids=np.asarray(ids, np.int32), labels=np.asarray(labels, np.int32),
-                   pixels=pixels.reshape(-1), n_images=len(images))
+        # bytes columns: uint8 pixels (normalised in the worker) and int32 ids move through
+        # Arrow without per-element conversion
+        out.update(input_ids=np.asarray(ids, np.int32).tobytes(), labels=np.asarray(labels, np.int32).tobytes(),
+                   pixels=np.stack(pixels).tobytes(), n_images=len(pixels))
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        prepared = [self.prepare(r, p) for r, p in zip(batch["row"], batch["position"])]
+        samples = self.table.take(np.asarray(batch["row"], dtype=np.int64)).to_pylist()
+        prepared = [self.prepare(s, p) for s, p in zip(samples, batch["position"])]
         out: dict[str, Any] = {"position": np.asarray(batch["position"], np.int64)}
-        for key in ("sample_id", "task_type", "error", "n_images"):
-            out[key] = np.array([p[key] for p in prepared])
-        for key in ("input_ids", "labels", "pixels"):
+        for key in ("sample_id", "task_type", "error", "n_images", "input_ids", "labels", "pixels"):
             col = np.empty(len(prepared), dtype=object)
             col[:] = [p[key] for p in prepared]
-            out[key] = col
+            out[key] = col if key not in ("n_images",) else col.astype(np.int64)
         return out
 
 
@@ -176,7 +173,7 @@ def _preprocess(ds, exp: Experiment, args: dict):
     import ray
 
     return ds.map_batches(
-        PrepareSamples, fn_constructor_kwargs=args, batch_size=8, num_cpus=exp.data.preprocess_cpus,
+        PrepareSamples, fn_constructor_kwargs=args, batch_size=32, num_cpus=exp.data.preprocess_cpus,
         compute=ray.data.ActorPoolStrategy(size=exp.data.preprocess_actors),
     )
 
@@ -188,7 +185,7 @@ def train_stream(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: st
 
     mixture = stage_mixture(exp, stage, corpus_dir)
     rows_by_pair = pair_rows(corpus_dir, mixture)
-    blocks = max(1, min(200, total // 256))
+    blocks = max(1, min(1000, total // 64))
     # positions as in-memory blocks (no read task: on a small machine every CPU is spoken for)
     ds = ray.data.from_numpy(np.array_split(np.arange(total, dtype=np.int64), blocks))
     ds = ds.map_batches(draw_rows, fn_kwargs={"mixture": mixture, "rows_by_pair": rows_by_pair, "marker": marker},
@@ -223,24 +220,27 @@ def validation_set(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: 
 
 
 def step_batches(rows: dict[str, np.ndarray], micro_batch: int, pad_id: int, image_size: int,
-                 group_by_length: bool = True) -> tuple[list[dict], dict]:
+                 image_mean: list, image_std: list, group_by_length: bool = True) -> tuple[list[dict], dict]:
     """One optimizer step's rows -> padded micro-batches (sorted by length when grouping), and
     counts: real and padded tokens, errors with their sample ids."""
     import torch
 
     from m4cxr.model.m4cxr import pad_batch
+    from m4cxr.model.vision import normalise
 
     ok = [i for i, e in enumerate(rows["error"]) if not e]
     errors = [f"{rows['sample_id'][i]}: {rows['error'][i]}" for i, e in enumerate(rows["error"]) if e]
+    ids_of = {i: np.frombuffer(rows["input_ids"][i], np.int32) for i in ok}
     if group_by_length:
-        ok.sort(key=lambda i: len(rows["input_ids"][i]))
+        ok.sort(key=lambda i: len(ids_of[i]))
     batches, real, padded = [], 0, 0
     for start in range(0, len(ok), micro_batch):
         idx = ok[start:start + micro_batch]
-        ids = [rows["input_ids"][i].tolist() for i in idx]
-        batch = pad_batch(ids, [rows["labels"][i].tolist() for i in idx], pad_id)
-        pixels = [np.asarray(rows["pixels"][i], np.float32).reshape(-1, 3, image_size, image_size) for i in idx]
-        batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels)) if pixels else None
+        ids = [ids_of[i].tolist() for i in idx]
+        batch = pad_batch(ids, [np.frombuffer(rows["labels"][i], np.int32).tolist() for i in idx], pad_id)
+        gray = [np.frombuffer(rows["pixels"][i], np.uint8).reshape(-1, image_size, image_size) for i in idx]
+        gray = np.concatenate(gray) if gray else np.zeros((0, image_size, image_size), np.uint8)
+        batch["pixel_values"] = normalise(torch.from_numpy(gray.copy()), image_mean, image_std) if len(gray) else None
         batch["task_type"] = [rows["task_type"][i] for i in idx]
         real += sum(len(x) for x in ids)
         padded += batch["input_ids"].numel()

@@ -75,8 +75,19 @@ def image_token_id(tok: PreTrainedTokenizerBase) -> int:
     return tok.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
+_CACHE: dict[tuple[int, str], list[int]] = {}
+_CACHE_LIMIT = 100_000
+
+
 def _encode(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
+    # questions, candidate lists and the system prompt repeat across samples: encode them once
+    key = (id(tok), text)
+    ids = _CACHE.get(key)
+    if ids is None:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(_CACHE) < _CACHE_LIMIT:
+            _CACHE[key] = ids
+    return ids
 
 
 def encode_conversation(tok: PreTrainedTokenizerBase, turns: Sequence[dict], tokens_per_image: int,

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import Dinov2Config, Dinov2Model
 
 # Rad-DINO's published preprocessing (its preprocessor_config.json): used when the weights
 # folder does not carry one.
@@ -24,7 +23,7 @@ RAD_DINO_STD = (0.2583, 0.2583, 0.2583)
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, model: Dinov2Model):
+    def __init__(self, model):  # a transformers Dinov2Model
         super().__init__()
         self.model = model
         self.hidden_size = model.config.hidden_size
@@ -41,6 +40,8 @@ class VisionEncoder(nn.Module):
 
 def build_vision_encoder(source: str, config: dict | None, image_size: int) -> VisionEncoder:
     """From `config` (Dinov2Config fields; random weights) when given, else from a hub id or folder."""
+    from transformers import Dinov2Config, Dinov2Model  # here, so the data path can import this module cheaply
+
     if config:
         cfg = Dinov2Config(**{"image_size": image_size, **config})
         return VisionEncoder(Dinov2Model(cfg))
@@ -56,22 +57,34 @@ def preprocessing_from_folder(source: str) -> dict | None:
     return {"image_mean": cfg.get("image_mean"), "image_std": cfg.get("image_std")}
 
 
+def image_array(image: Image.Image, size: int, convention: str = "resize") -> np.ndarray:
+    """One image -> (size, size) uint8 grayscale, in the frame boxes are written in."""
+    image = image.convert("L")
+    if convention == "center_crop":
+        scale = size / min(image.size)
+        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        if (w, h) != image.size:
+            image = image.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalise(gray: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(n, H, W) uint8 grayscale -> (n, 3, H, W) float, normalised with the encoder's mean/std.
+    Done where the model runs, so the data path moves one byte per pixel instead of twelve."""
+    x = gray.float().div(255.0).unsqueeze(1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
 def pixel_values(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float],
                  convention: str = "resize") -> torch.Tensor:
     """Images -> (n, 3, size, size) normalised floats, in the frame boxes are written in."""
-    out = np.empty((len(images), 3, size, size), dtype=np.float32)
-    m = np.asarray(mean, dtype=np.float32)[:, None, None]
-    s = np.asarray(std, dtype=np.float32)[:, None, None]
-    for i, image in enumerate(images):
-        image = image.convert("L")
-        if convention == "center_crop":
-            scale = size / min(image.size)
-            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-            image = image.resize((w, h), Image.BICUBIC)
-            left, top = (w - size) // 2, (h - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        elif image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
-        gray = np.asarray(image, dtype=np.float32) / 255.0
-        out[i] = (gray[None] - m) / s
-    return torch.from_numpy(out)
+    if not images:
+        return torch.zeros(0, 3, size, size)
+    gray = np.stack([image_array(im, size, convention) for im in images])
+    return normalise(torch.from_numpy(gray), mean, std)

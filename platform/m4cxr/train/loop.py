@@ -129,7 +129,8 @@ def train_loop_per_worker(config: dict) -> None:
     pad_id = core.tokenizer.pad_token_id
     val_batches = []
     for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=micro * 4, batch_format="numpy"):
-        batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size)
+        batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.model.image_mean,
+                                      exp.model.image_std)
         for e in stats["errors"]:
             say(f"validation sample skipped: {e}")
         val_batches += batches
@@ -166,7 +167,8 @@ def train_loop_per_worker(config: dict) -> None:
             rows = {k: v[keep] for k, v in rows.items()}
             if len(rows["position"]) == 0:
                 continue
-        batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.data.length_grouping)
+        batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.model.image_mean,
+                                      exp.model.image_std, exp.data.length_grouping)
         rows_seen += stats["rows"]
         errors_seen += len(stats["errors"])
         for e in stats["errors"]:

@@ -1,0 +1,198 @@
+"""Data-path benchmark, all in one run on the same machine:
+
+1. samples/s of the Ray Data pipeline (draw -> load, resize, normalise, tokenise on CPU actors)
+   against a plain single-process loop doing the same work, and against image decoding alone;
+2. the share of non-padding tokens with and without length grouping, on the paper's mixture of
+   sequence lengths (Table 10 weights; 361 visual tokens per image);
+3. the quickstart's peak memory (all its processes together).
+
+    python benchmarks/data_pipeline.py [--samples 1500] [--skip-quickstart]
+
+Writes benchmarks/results/data_pipeline.json and prints a Markdown table for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+
+def make_corpus(tmp: Path):
+    from m4cxr.config import load_experiment
+    from m4cxr.data.synthetic import synthesize
+    from m4cxr.train.run import prepare_tokenizer
+
+    exp = load_experiment(ROOT / "experiments/quickstart.yaml", [
+        f"data.corpus_dir={tmp / 'corpus'}", "data.image_size=224", "data.synthetic.image_size=224",
+        "data.synthetic.patients=150", "data.preprocess_actors=2", "data.preprocess_cpus=0.9"])
+    synthesize(exp.data.corpus_dir, exp.data.synthetic, progress=False)
+    return exp, prepare_tokenizer(exp, exp.data.corpus_dir)
+
+
+def throughput(exp, tok_dir, n: int) -> dict:
+    import ray
+
+    from m4cxr.data.pipeline import PrepareSamples, draw_rows, pair_rows, prepare_args, stage_mixture, train_stream
+    from m4cxr.data.schema import ImageStore
+
+    corpus = exp.data.corpus_dir
+    tpi = exp.model.projector.num_query_tokens
+    mixture = stage_mixture(exp, "instruction", corpus)
+    drawn = draw_rows({"data": np.arange(n)}, mixture, pair_rows(corpus, mixture))
+    prep = PrepareSamples(**prepare_args(exp, corpus, "train", tok_dir, tpi, "instruction"))
+    rows = drawn["row"]
+
+    # image decoding alone (the same images, one process)
+    from PIL import Image
+
+    store = ImageStore(corpus)
+    paths = [[store.path(i["image_id"]) for i in prep.table.slice(int(r), 1).to_pylist()[0]["images"]] for r in rows]
+    t0 = time.perf_counter()
+    for sample_paths in paths:
+        for p in sample_paths:
+            with Image.open(p) as im:
+                im.load()
+    decode = n / (time.perf_counter() - t0)
+
+    # the same work as the pipeline in a plain single-process loop
+    t0 = time.perf_counter()
+    for start in range(0, n, 8):
+        prep({"row": rows[start:start + 8], "position": drawn["position"][start:start + 8]})
+    loop = n / (time.perf_counter() - t0)
+
+    # the Ray Data pipeline, consumed as a trainer would consume it
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = train_stream(exp, "instruction", corpus, tok_dir, tpi, n)
+    for _ in ds.limit(64).iter_batches(batch_size=32):  # start the actors before timing
+        pass
+    # steady state: timed from the first batch (actor start-up, a one-off per run, is reported apart)
+    t_start = time.perf_counter()
+    seen, t0, first = 0, None, None
+    for batch in train_stream(exp, "instruction", corpus, tok_dir, tpi, n).iter_batches(batch_size=32, prefetch_batches=4):
+        if t0 is None:
+            t0, first = time.perf_counter(), len(batch["position"])
+            continue
+        seen += len(batch["position"])
+    pipeline = seen / (time.perf_counter() - t0)
+    ray.shutdown()
+    return {"samples": n, "decode_only_per_s": round(decode, 1), "single_process_loop_per_s": round(loop, 1),
+            "ray_data_per_s": round(pipeline, 1), "ray_start_s": round(t0 - t_start, 1),
+            "ray_vs_loop": round(pipeline / loop, 2), "ray_vs_decode_only": round(pipeline / decode, 2)}
+
+
+def padding(exp, tok_dir, steps: int = 200, per_worker_step: int = 32, micro: int = 4) -> dict:
+    """Non-padding share on the paper's mixture: Table 10 probabilities, 361 tokens per image,
+    text lengths and image counts of each task taken from the synthetic corpus."""
+    from transformers import AutoTokenizer
+
+    from m4cxr.config import load_experiment
+    from m4cxr.data.mixture import build_mixture
+    from m4cxr.data.schema import read_samples
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    by_task: dict[str, list[tuple[int, int]]] = {}
+    for s in read_samples(exp.data.corpus_dir, "train"):
+        text = sum(len(tok(t["content"], add_special_tokens=False)["input_ids"]) for t in s.turns)
+        by_task.setdefault(s.task, []).append((text, len(s.images)))
+    paper = build_mixture(load_experiment(ROOT / "experiments/m4cxr.yaml").data.mixture)
+    rng = np.random.default_rng(0)
+    pairs, _ = paper.draw(steps * per_worker_step)
+    lengths = []
+    for p in pairs:
+        text, images = by_task[paper.pairs[p].task][rng.integers(len(by_task[paper.pairs[p].task]))]
+        lengths.append(text + 361 * images)
+    lengths = np.array(lengths).reshape(steps, per_worker_step)
+
+    def share(group: bool) -> float:
+        real = padded = 0
+        for step in lengths:
+            step = np.sort(step) if group else step
+            for mb in step.reshape(-1, micro):
+                real += mb.sum()
+                padded += mb.max() * len(mb)
+        return real / padded
+
+    return {"per_worker_step": per_worker_step, "micro_batch": micro, "mean_len": float(lengths.mean()),
+            "max_len": int(lengths.max()), "nonpad_share_grouped": round(share(True), 4),
+            "nonpad_share_random": round(share(False), 4)}
+
+
+def quickstart_peak_memory(tmp: Path) -> dict:
+    import psutil
+
+    cmd = [sys.executable, "-m", "m4cxr.cli", "quickstart", "--out", str(tmp / "qs")]
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    root = psutil.Process(proc.pid)
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            try:
+                procs = [root] + root.children(recursive=True)
+                rss = sum(p.memory_info().rss for p in procs if p.is_running())
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    code = proc.wait()
+    stop.set()
+    thread.join()
+    summary = json.loads((tmp / "qs/summary.json").read_text()) if code == 0 else {}
+    return {"exit_code": code, "seconds": round(time.time() - started, 1), "peak_rss_gib": round(peak / 2**30, 2),
+            "train_seconds": summary.get("train", {}).get("seconds"),
+            "val_loss_first": summary.get("train", {}).get("val_loss_first"),
+            "val_loss_last": summary.get("train", {}).get("val_loss_last")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=1500)
+    parser.add_argument("--skip-quickstart", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        exp, tok_dir = make_corpus(tmp)
+        result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                  "date": time.strftime("%Y-%m-%d"), "throughput": throughput(exp, tok_dir, args.samples),
+                  "padding": padding(exp, tok_dir)}
+        if not args.skip_quickstart:
+            result["quickstart"] = quickstart_peak_memory(tmp)
+    out = ROOT / "benchmarks/results/data_pipeline.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    t, p = result["throughput"], result["padding"]
+    print(json.dumps(result, indent=2))
+    print(f"\n| measure | value |\n|---|---|\n"
+          f"| image decoding alone | {t['decode_only_per_s']} samples/s |\n"
+          f"| single-process loop (same work) | {t['single_process_loop_per_s']} samples/s |\n"
+          f"| Ray Data pipeline | {t['ray_data_per_s']} samples/s ({t['ray_vs_loop']}x the loop, "
+          f"{t['ray_vs_decode_only']:.0%} of decode-only) |\n"
+          f"| non-padding tokens, length grouping | {p['nonpad_share_grouped']:.1%} |\n"
+          f"| non-padding tokens, random micro-batches | {p['nonpad_share_random']:.1%} |")
+    if "quickstart" in result:
+        print(f"| quickstart peak memory (all processes) | {result['quickstart']['peak_rss_gib']} GiB |")
+
+
+if __name__ == "__main__":
+    main()
