@@ -82,10 +82,10 @@ def throughput(exp, tok_dir, n: int) -> dict:
         pass
     # steady state: timed from the first batch (actor start-up, a one-off per run, is reported apart)
     t_start = time.perf_counter()
-    seen, t0, first = 0, None, None
+    seen, t0 = 0, None
     for batch in train_stream(exp, "instruction", corpus, tok_dir, tpi, n).iter_batches(batch_size=32, prefetch_batches=4):
         if t0 is None:
-            t0, first = time.perf_counter(), len(batch["position"])
+            t0 = time.perf_counter()
             continue
         seen += len(batch["position"])
     pipeline = seen / (time.perf_counter() - t0)

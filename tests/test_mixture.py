@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from m4cxr.config import MixtureConfig, PairWeight, load_experiment
-from m4cxr.data.mixture import build_mixture, paper_pairs
+from m4cxr.data.mixture import build_mixture
 from m4cxr.cli import main
 
 from conftest import ROOT

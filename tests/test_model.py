@@ -1,6 +1,5 @@
 """The M4CXR model: the tiny quickstart model (same classes as the paper's, random weights)."""
 
-import copy
 import json
 
 import pytest
@@ -168,6 +167,17 @@ def test_batched_greedy_equals_one_by_one(world, overfitted):
         untrained.generate([c], [i], max_new_tokens=15)[0] for c, i in zip(convs, imgs)]
 
 
+def test_sampling_is_seeded_and_differs_from_greedy(world):
+    _, _, samples, store = world
+    model = fresh_model(world).eval()
+    convs, imgs = [samples[0].turns], [images_of(store, samples[0])]
+    a = model.generate(convs, imgs, max_new_tokens=20, do_sample=True, temperature=1.5, seed=3)
+    b = model.generate(convs, imgs, max_new_tokens=20, do_sample=True, temperature=1.5, seed=3)
+    c = model.generate(convs, imgs, max_new_tokens=20, do_sample=True, temperature=1.5, seed=4)
+    greedy = model.generate(convs, imgs, max_new_tokens=20)
+    assert a == b and (a != c or a != greedy)
+
+
 def test_checkpoint_round_trip_and_merged_export(world, overfitted, tmp_path):
     exp, tok, _, store = world
     model, picks, _ = overfitted
@@ -212,6 +222,38 @@ def test_each_stage_trains_exactly_its_parts(world, stage):
     for name, params in model.parts().items():
         changed = any(not torch.equal(a, b) for a, b in zip(before[name], params))
         assert changed == (name in parts), (stage, name)
+
+
+def test_pretrained_parts_load_from_local_folders(world, tmp_path):
+    """The real-run path: encoder, LLM and tokenizer from folders (as from hub ids), the tokenizer
+    without an <image> token (added, outside the LLM's vocabulary, as with Mistral's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Dinov2Config, Dinov2Model, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    from m4cxr.config import experiment_from_dict
+    from m4cxr.model.tokenizer import load_tokenizer
+
+    exp, _, samples, store = world
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator([t["content"] for s in samples[:200] for t in s.turns],
+                            trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"]))
+    llm_tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    vocab = len(llm_tok)
+    llm_tok.save_pretrained(tmp_path / "llm")
+    MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llm")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=112)).save_pretrained(tmp_path / "vision")
+    tok = load_tokenizer(str(tmp_path / "llm"))
+    assert tok.convert_tokens_to_ids("<image>") >= vocab and tok.pad_token is not None
+    cfg = experiment_from_dict({"data": {"image_size": 112}, "model": {
+        "vision_encoder": str(tmp_path / "vision"), "llm": str(tmp_path / "llm"), "attention": "sdpa",
+        "projector": {"depth": 1, "hidden_size": 32, "num_query_tokens": 16}}})
+    model = build_model(cfg, tok)
+    assert model.llm.get_input_embeddings().num_embeddings == vocab  # no resize needed
+    pick = samples[0]
+    out = model(**model.collate([pick.turns], [images_of(store, pick)]))
+    assert torch.isfinite(out.loss)
 
 
 def test_flash_attention_without_the_package_is_a_clear_error():

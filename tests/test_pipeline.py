@@ -1,6 +1,5 @@
 """The data path pieces without a cluster: the resumable draw, preprocessing, micro-batches."""
 
-import json
 
 import numpy as np
 import pytest

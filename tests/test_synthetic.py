@@ -9,7 +9,6 @@ from m4cxr.data.boxes import parse_box, parse_boxes, to_relative
 from m4cxr.data.schema import ImageStore, read_samples
 from m4cxr.data.templates import count_images, task_names
 
-from conftest import ROOT
 
 
 def test_all_17_tasks_in_all_splits_without_leakage(synthetic_corpus, capsys):

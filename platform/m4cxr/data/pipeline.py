@@ -90,13 +90,12 @@ class PrepareSamples:
     def __init__(self, corpus_dir: str, split: str, tokenizer_dir: str, image_size: int, image_mean: list,
                  image_std: list, box_convention: str, tokens_per_image: int, max_seq_len: int, stage: str,
                  mrg_format: str = "cot"):
-        from transformers import AutoTokenizer
-
         from m4cxr.data.schema import ImageStore
+        from m4cxr.model.tokenizer import load_tokenizer
 
         self.table = pq.read_table(samples_path(corpus_dir, split))
         self.store = ImageStore(corpus_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir)  # with the <image> token added where missing
         self.image_size, self.box_convention = image_size, box_convention
         self.tokens_per_image = tokens_per_image
         self.max_seq_len = max_seq_len

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Dinov2Model
+from transformers import AutoModelForCausalLM, Dinov2Model
 
 from m4cxr.config import Experiment, experiment_from_dict, save_experiment
 from m4cxr.model.m4cxr import M4CXR, resolve_attention
 from m4cxr.model.projector import CAbstractor
+from m4cxr.model.tokenizer import load_tokenizer
 from m4cxr.model.vision import VisionEncoder
 
 
@@ -81,7 +82,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", dtyp
     import yaml
 
     exp = experiment_from_dict(yaml.safe_load((folder / "experiment.yaml").read_text()), str(folder / "experiment.yaml"))
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = load_tokenizer(str(folder / "tokenizer"))
     on_gpu = torch.device(device).type == "cuda"
     attention = resolve_attention(exp.model.attention, on_gpu)
     vision = VisionEncoder(Dinov2Model.from_pretrained(folder / "vision", dtype=dtype))

@@ -57,7 +57,7 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a hub id or folder, with the `<image>` token and a pad token added."""
     tok = AutoTokenizer.from_pretrained(source)
     if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     if not tok.chat_template:

@@ -7,20 +7,12 @@ the last layer's patch tokens without the CLS token: (518 / 14)^2 = 1369 tokens 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-
-# Rad-DINO's published preprocessing (its preprocessor_config.json): used when the weights
-# folder does not carry one.
-RAD_DINO_MEAN = (0.5307, 0.5307, 0.5307)
-RAD_DINO_STD = (0.2583, 0.2583, 0.2583)
-
 
 class VisionEncoder(nn.Module):
     def __init__(self, model):  # a transformers Dinov2Model
@@ -46,15 +38,6 @@ def build_vision_encoder(source: str, config: dict | None, image_size: int) -> V
         cfg = Dinov2Config(**{"image_size": image_size, **config})
         return VisionEncoder(Dinov2Model(cfg))
     return VisionEncoder(Dinov2Model.from_pretrained(source))
-
-
-def preprocessing_from_folder(source: str) -> dict | None:
-    """image_mean / image_std of a local weights folder's preprocessor_config.json, if any."""
-    path = Path(source) / "preprocessor_config.json"
-    if not path.is_file():
-        return None
-    cfg = json.loads(path.read_text())
-    return {"image_mean": cfg.get("image_mean"), "image_std": cfg.get("image_std")}
 
 
 def image_array(image: Image.Image, size: int, convention: str = "resize") -> np.ndarray:

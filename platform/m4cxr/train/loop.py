@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from m4cxr.config import experiment_from_dict
@@ -64,10 +63,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer
+
 
     from m4cxr.model.checkpoint import load_checkpoint, save_checkpoint
     from m4cxr.model.m4cxr import build_model
+    from m4cxr.model.tokenizer import load_tokenizer
 
     exp = experiment_from_dict(config["experiment"], config.get("source", "<train config>"))
     stage_name = config["stage"]
@@ -88,7 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("init_checkpoint"):
         model, _ = load_checkpoint(config["init_checkpoint"], trainable=True)
     else:
-        model = build_model(exp, AutoTokenizer.from_pretrained(config["tokenizer_dir"]), on_gpu=on_gpu)
+        model = build_model(exp, load_tokenizer(config["tokenizer_dir"]), on_gpu=on_gpu)
     counts = model.set_trainable(stage.trainable)
     say(f"trainable parameters: {describe_counts(counts)}; accumulation {accum} x micro batch {micro} x {world} worker(s)")
     model.to(device)
@@ -226,7 +226,8 @@ def train_loop_per_worker(config: dict) -> None:
             with open(Path(config["run_dir"]) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         if step % exp.train.log_every == 0 or last:
-            say(f"step {step}/{stage.training_steps} loss {train_loss:.4f} lr {metrics['lr']:.2e} "
+            per_type = " ".join(f"{t} {ls / max(1, nn_):.3f}" for t, (ls, nn_) in sorted(by_type.items()))
+            say(f"step {step}/{stage.training_steps} loss {train_loss:.4f} ({per_type}) lr {metrics['lr']:.2e} "
                 f"non-pad {metrics['nonpad_token_share']:.2f}" + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""))
         if step % exp.train.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as tmp:

@@ -62,7 +62,6 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
               run_name: str | None = None, inject_failure_at: int = -1) -> dict:
     """Train one stage; `inject_failure_at` makes the worker fail once at that step (to check
     that a run recovers from its last checkpoint)."""
-    import ray.train
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
