@@ -167,7 +167,7 @@ def quickstart_peak_memory(tmp: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=1500)
+    parser.add_argument("--samples", type=int, default=12000)
     parser.add_argument("--skip-quickstart", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

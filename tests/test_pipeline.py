@@ -48,7 +48,7 @@ def test_prepare_samples_and_bad_rows(setup, tmp_path):
     prep = PrepareSamples(**prepare_args(exp, corpus, "train", tok_dir, 16, "instruction"))
     table = prep.table.to_pylist()
     row = next(i for i, s in enumerate(table) if s["task"] == "multi_study")
-    out = prep({"row": np.array([row]), "position": np.array([7])})
+    out = prep({"row": np.array([row]), "position": np.array([7])}).to_pydict()
     n_images = len(table[row]["images"])
     assert out["error"][0] == "" and out["n_images"][0] == n_images
     assert len(out["pixels"][0]) == n_images * 112 * 112  # one uint8 byte per pixel
@@ -59,7 +59,7 @@ def test_prepare_samples_and_bad_rows(setup, tmp_path):
     saved = image.read_bytes()
     try:
         image.write_bytes(b"\x89PNG broken")
-        bad = prep({"row": np.array([row]), "position": np.array([7])})
+        bad = prep({"row": np.array([row]), "position": np.array([7])}).to_pydict()
     finally:
         image.write_bytes(saved)
     assert table[row]["sample_id"] == bad["sample_id"][0]
@@ -84,8 +84,7 @@ def test_length_grouping_cuts_padding(setup):
     prep = PrepareSamples(**prepare_args(exp, corpus, "train", tok_dir, 16, "instruction"))
     rng = np.random.default_rng(0)
     rows = rng.choice(len(prep.table), size=64, replace=False)
-    prepared = prep({"row": rows, "position": np.arange(64)})
-    prepared["error"] = prepared["error"].astype(object)
+    prepared = prep({"row": rows, "position": np.arange(64)}).to_pydict()
     prepared["error"][3] = "OSError: broken"
     norm = (exp.model.image_mean, exp.model.image_std)
     grouped, g = step_batches(prepared, 4, 0, 112, *norm, group_by_length=True)

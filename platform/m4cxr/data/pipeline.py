@@ -149,15 +149,18 @@ class PrepareSamples:
                    pixels=np.stack(pixels).tobytes(), n_images=len(pixels))
         return out
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
         samples = self.table.take(np.asarray(batch["row"], dtype=np.int64)).to_pylist()
         prepared = [self.prepare(s, p) for s, p in zip(samples, batch["position"])]
-        out: dict[str, Any] = {"position": np.asarray(batch["position"], np.int64)}
-        for key in ("sample_id", "task_type", "error", "n_images", "input_ids", "labels", "pixels"):
-            col = np.empty(len(prepared), dtype=object)
-            col[:] = [p[key] for p in prepared]
-            out[key] = col if key not in ("n_images",) else col.astype(np.int64)
-        return out
+        # an Arrow table with binary columns: handed on without per-element conversion
+        return pa.table({
+            "position": pa.array(np.asarray(batch["position"], np.int64)),
+            **{key: pa.array([p[key] for p in prepared], type=pa.string()) for key in ("sample_id", "task_type", "error")},
+            "n_images": pa.array([p["n_images"] for p in prepared], type=pa.int64()),
+            **{key: pa.array([p[key] for p in prepared], type=pa.binary()) for key in ("input_ids", "labels", "pixels")},
+        })
 
 
 def prepare_args(exp: Experiment, corpus_dir: str, split: str, tokenizer_dir: str, tokens_per_image: int,
@@ -184,7 +187,7 @@ def train_stream(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: st
 
     mixture = stage_mixture(exp, stage, corpus_dir)
     rows_by_pair = pair_rows(corpus_dir, mixture)
-    blocks = max(1, min(1000, total // 64))
+    blocks = max(1, min(500, total // 1024))  # few, large draw tasks: each task costs scheduling time
     # positions as in-memory blocks (no read task: on a small machine every CPU is spoken for)
     ds = ray.data.from_numpy(np.array_split(np.arange(total, dtype=np.int64), blocks))
     ds = ds.map_batches(draw_rows, fn_kwargs={"mixture": mixture, "rows_by_pair": rows_by_pair, "marker": marker},
