@@ -14,3 +14,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default="experiments/quickstart.yaml", help="experiment file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     return p
+
+
+def train_stage(stage: str, description: str) -> None:
+    """The body of pretrain.py and finetune.py: parse, train one stage, print its summary."""
+    import json
+
+    p = parser(description)
+    p.add_argument("--init", help="checkpoint to start from (stage 2: the stage-1 model)")
+    p.add_argument("--name", help="run name (rerun with the same name to resume)")
+    args = p.parse_args()
+
+    from m4cxr.config import load_experiment
+    from m4cxr.train.run import run_stage
+
+    exp = load_experiment(args.config, args.set)
+    summary = run_stage(exp, stage, exp.data.corpus_dir, init_checkpoint=args.init, run_name=args.name)
+    print(json.dumps(summary, indent=2))

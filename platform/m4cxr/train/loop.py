@@ -61,9 +61,12 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import logging
+
     import ray.train
     import ray.train.torch
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own progress lines say enough
 
     from m4cxr.model.checkpoint import load_checkpoint, save_checkpoint
     from m4cxr.model.m4cxr import build_model
