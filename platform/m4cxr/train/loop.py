@@ -102,25 +102,28 @@ def train_loop_per_worker(config: dict) -> None:
 
     step, position, history = 0, 0, []
     errors_seen, rows_seen, val_first = 0, 0, None
+    engine = None
+    if exp.train.deepspeed:  # DeepSpeed owns the optimizer step, accumulation and clipping
+        engine = deepspeed_engine(exp, model, optimizer, scheduler, micro, accum, on_gpu)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
-        missing = set(state["model"]) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise RuntimeError(f"the checkpoint does not fit the model: unknown parameters {sorted(missing)[:5]}")
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+            if engine is not None:
+                engine.load_checkpoint(folder, tag="engine")
+        if engine is None:
+            missing = set(state["model"]) - {n for n, _ in model.named_parameters()}
+            if missing:
+                raise RuntimeError(f"the checkpoint does not fit the model: unknown parameters {sorted(missing)[:5]}")
+            model.load_state_dict(state["model"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         step, position, history = state["step"], state["position"], state["history"]
         errors_seen, rows_seen, val_first = state["errors_seen"], state["rows_seen"], state["val_loss_first"]
         say(f"resumed from the checkpoint at step {step}, stream position {position}")
 
     core = model
-    engine = None
-    if exp.train.deepspeed:
-        engine = deepspeed_engine(exp, model, optimizer, scheduler, micro, accum)
-    elif world > 1:
+    if engine is None and world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
 
     def forward(batch):
@@ -234,8 +237,11 @@ def train_loop_per_worker(config: dict) -> None:
                 f"non-pad {metrics['nonpad_token_share']:.2f}" + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""))
         if step % exp.train.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as tmp:
+                if engine is not None:  # every rank writes its shard of the DeepSpeed state
+                    engine.save_checkpoint(tmp, tag="engine")
                 if rank == 0:
-                    torch.save({"model": trainable_state(core), "optimizer": optimizer.state_dict(),
+                    torch.save({"model": trainable_state(core) if engine is None else {},
+                                "optimizer": optimizer.state_dict() if engine is None else {},
                                 "scheduler": scheduler.state_dict(), "step": step, "position": position,
                                 "history": history, "errors_seen": errors_seen, "rows_seen": rows_seen,
                                 "val_loss_first": val_first}, Path(tmp) / STATE_FILE)
@@ -259,9 +265,9 @@ class _null:
         return False
 
 
-def deepspeed_engine(exp, model, optimizer, scheduler, micro: int, accum: int):
-    """DeepSpeed ZeRO from the JSON file named by train.deepspeed (batch sizes and clipping are
-    set from the experiment so the two never disagree)."""
+def deepspeed_engine(exp, model, optimizer, scheduler, micro: int, accum: int, on_gpu: bool):
+    """DeepSpeed ZeRO from the JSON file named by train.deepspeed (batch sizes, clipping and
+    precision are set from the experiment so the two never disagree)."""
     try:
         import deepspeed
     except ImportError as err:
@@ -269,6 +275,6 @@ def deepspeed_engine(exp, model, optimizer, scheduler, micro: int, accum: int):
     ds_config = json.loads(Path(exp.train.deepspeed).read_text())
     ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
                      gradient_clipping=exp.train.grad_clip)
-    ds_config.setdefault("bf16", {"enabled": exp.train.precision == "bf16" and torch.cuda.is_available()})
+    ds_config["bf16"] = {"enabled": exp.train.precision == "bf16" and on_gpu}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
