@@ -7,7 +7,7 @@ what it drew (findings, organs, the 29 Chest ImaGenome regions) in pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -53,7 +53,6 @@ class Anatomy:
     contrast: float
     gamma: float
     noise_seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
@@ -206,9 +205,6 @@ def draw_frontal(anat: Anatomy, findings: list[Finding], size: int, rng: np.rand
         box = _draw_finding(img, X, Y, anat, f, lungs, rib_masks, size, rng, body)
         if box is not None and f.kind in LOCALISED:
             boxes.append((index, box))
-    if any(f.kind == "cardiomegaly" for f in findings):
-        pass  # its box is the heart box, set in _draw_finding
-
     # Acquisition: AP films are a little brighter and blurrier; noise, blur, contrast, gamma.
     if view == "AP":
         img = img * 0.95 + 0.05
