@@ -8,6 +8,7 @@
     m4cxr model summary FILE [--json]
     m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
     m4cxr quickstart --out DIR
+    m4cxr score nlg --hyps H.txt --refs R.txt [--refs R2.txt] [--json]
 """
 
 from __future__ import annotations
@@ -139,6 +140,24 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_score_nlg(args) -> int:
+    from pathlib import Path
+
+    from m4cxr.eval.metrics import nlg_scores
+
+    hyps = Path(args.hyps).read_text().splitlines()
+    ref_files = [Path(r).read_text().splitlines() for r in args.refs]
+    for path, refs in zip(args.refs, ref_files):
+        if len(refs) != len(hyps):
+            raise ValueError(f"{path}: {len(refs)} lines but {args.hyps} has {len(hyps)}; one report per line in both")
+    scores = nlg_scores(hyps, [list(r) for r in zip(*ref_files)], tokenize=not args.no_tokenize)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+    else:
+        print("  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m4cxr", description="M4CXR on Ray: data, training, evaluation, sweeps, serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--config", default="experiments/quickstart.yaml")
     p.set_defaults(func=cmd_quickstart)
+
+    score = sub.add_parser("score", help="metrics").add_subparsers(dest="action", required=True)
+    p = score.add_parser("nlg", help="BLEU-1..4 and ROUGE-L (pycocoevalcap), one report per line")
+    p.add_argument("--hyps", required=True)
+    p.add_argument("--refs", required=True, action="append", help="reference file (repeat for several references)")
+    p.add_argument("--no-tokenize", action="store_true", help="keep the text as it is (no lower-casing or punctuation split)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_score_nlg)
 
     model = sub.add_parser("model", help="the model").add_subparsers(dest="action", required=True)
     p = with_set(model.add_parser("summary", help="parameter counts, built on the meta device"))
