@@ -9,6 +9,7 @@
     m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
     m4cxr quickstart --out DIR
     m4cxr score nlg --hyps H.txt --refs R.txt [--refs R2.txt] [--json]
+    m4cxr label REPORTS.csv --column TEXT --out LABELS.csv
 """
 
 from __future__ import annotations
@@ -140,6 +141,28 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    import csv
+
+    from m4cxr.data.templates import chexbert_labels
+    from m4cxr.eval.labeler import label_report
+
+    with open(args.reports, newline="") as f:
+        reader = csv.DictReader(f)
+        if args.column not in (reader.fieldnames or []):
+            raise ValueError(f"{args.reports}: no column {args.column!r}; the columns are {reader.fieldnames}")
+        texts = [row[args.column] or "" for row in reader]
+    names = chexbert_labels()
+    with open(args.out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([args.column, *names])
+        for text in texts:
+            labels = label_report(text)
+            writer.writerow([text, *("" if labels.get(n) is None else f"{float(labels[n]):.1f}" for n in names)])
+    print(f"labelled {len(texts)} reports -> {args.out}")
+    return 0
+
+
 def cmd_score_nlg(args) -> int:
     from pathlib import Path
 
@@ -191,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--config", default="experiments/quickstart.yaml")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("label", help="CheXpert-14 labels of report texts (rule-based labeler)")
+    p.add_argument("reports", help="a CSV file of reports")
+    p.add_argument("--column", default="Reports", help="the column holding the report text")
+    p.add_argument("--out", required=True, help="output CSV: the text and one column per observation (1, 0, -1, blank)")
+    p.set_defaults(func=cmd_label)
 
     score = sub.add_parser("score", help="metrics").add_subparsers(dest="action", required=True)
     p = score.add_parser("nlg", help="BLEU-1..4 and ROUGE-L (pycocoevalcap), one report per line")
