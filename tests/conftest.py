@@ -6,6 +6,16 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(__file__).resolve().parent / "data" / "real"
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance per test module (starting Ray takes seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory):
     """The synthetic world of the README command (200 patients, seed 0), written once per run."""

@@ -13,15 +13,6 @@ from conftest import ROOT
 pytest.importorskip("deepspeed")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_zero2_trains_and_checkpoints(ray_local, synthetic_corpus, tmp_path):
     corpus, _ = synthetic_corpus
     exp = load_experiment(ROOT / "experiments/quickstart.yaml", [

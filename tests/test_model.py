@@ -96,11 +96,20 @@ def test_images_are_spliced_into_their_positions(world):
         other = batch["input_ids"][row] != img
         assert torch.equal(embeds[row, other], text[row, other])
     assert k == len(visual)
-    # five images in one sample: a multi-study sample with five images, spliced the same way
-    five = next((s for s in samples if len(s.images) == 5), None)
-    if five is not None:
-        b5 = model.collate([five.turns], [images_of(store, five)])
-        assert int((b5["input_ids"] == img).sum()) == 80
+    # five images in one sample (the multi-image maximum), each in its own run, in order
+    from m4cxr.data.templates import cot_candidates, render_conversation
+
+    five_turns = render_conversation("multi_image", {"images": 5, "findings": cot_candidates(), "positives": [],
+                                                     "report": "Clear."})
+    five_images = [store.load(s.images[0]["image_id"]) for s in samples[:5]]
+    b5 = model.collate([five_turns], [five_images])
+    with torch.no_grad():
+        e5 = model.embed(b5["input_ids"], b5["pixel_values"])
+        v5 = model.encode_images(b5["pixel_values"])
+    pos5 = (b5["input_ids"][0] == img).nonzero().flatten()
+    assert len(pos5) == 80
+    for j in range(5):
+        assert torch.equal(e5[0, pos5[16 * j: 16 * (j + 1)]], v5[j])
     # a wrong number of images is an error, not a silent misalignment
     with pytest.raises(ValueError, match="each <image> must match one image"):
         model.embed(batch["input_ids"], batch["pixel_values"][:-1])

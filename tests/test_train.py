@@ -12,15 +12,6 @@ from m4cxr.train.run import run_stage
 from conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_worker_failure_resumes_from_checkpoint(ray_local, synthetic_corpus, tmp_path):
     corpus, _ = synthetic_corpus
     exp = load_experiment(ROOT / "experiments/quickstart.yaml", [
@@ -43,6 +34,21 @@ def test_worker_failure_resumes_from_checkpoint(ray_local, synthetic_corpus, tmp
     assert after["loss"] == pytest.approx(before["loss"], rel=1e-3)
     assert after["lr"] == pytest.approx(before["lr"])
     assert summary["steps"] == 12 and (tmp_path / "chaos/final/m4cxr.json").exists()
+
+
+def test_rerun_with_the_same_name_resumes_a_stopped_run(ray_local, synthetic_corpus, tmp_path):
+    corpus, _ = synthetic_corpus
+    args = [f"train.output_dir={tmp_path}", "train.instruction.training_steps=8", "train.instruction.max_steps=8",
+            "train.instruction.global_batch_size=4", "train.micro_batch_size=2", "train.checkpoint_every=3",
+            "train.log_every=1", "train.val_samples=8"]
+    stopping = load_experiment(ROOT / "experiments/quickstart.yaml", args + ["train.max_failures=0"])
+    with pytest.raises(Exception, match="injected failure at step 5"):
+        run_stage(stopping, "instruction", corpus, run_name="stopped", inject_failure_at=5)
+    summary = run_stage(load_experiment(ROOT / "experiments/quickstart.yaml", args), "instruction", corpus,
+                        run_name="stopped")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stopped/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] + [4, 5, 6, 7, 8], steps  # the rerun continues from the step-3 checkpoint
+    assert summary["steps"] == 8
 
 
 def test_quickstart_learns(ray_local, tmp_path):

@@ -109,22 +109,11 @@ class Mixture:
         """Draws number start .. start+count-1 of the stream: (pair index, uniform in [0,1)
         that picks the sample within the pair). The same seed gives the same stream, and a
         stream resumed at position k continues exactly where it stopped."""
-        pair_idx = np.empty(count, dtype=np.int64)
-        within = np.empty(count, dtype=np.float64)
-        pos = 0
-        while pos < count:
-            chunk, offset = divmod(start + pos, DRAW_CHUNK)
-            rng = np.random.default_rng([self.seed, chunk])
-            chunk_pairs = rng.choice(len(self.pairs), size=DRAW_CHUNK, p=self.probabilities)
-            chunk_within = rng.random(DRAW_CHUNK)
-            take = min(count - pos, DRAW_CHUNK - offset)
-            pair_idx[pos:pos + take] = chunk_pairs[offset:offset + take]
-            within[pos:pos + take] = chunk_within[offset:offset + take]
-            pos += take
-        return pair_idx, within
+        return self.draw_at(np.arange(start, start + count, dtype=np.int64))
 
     def draw_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The draws at arbitrary stream positions (same values as `draw`)."""
+        """The draws at any stream positions; each chunk of DRAW_CHUNK positions has its own
+        seeded generator, so a position's draw never depends on where reading started."""
         positions = np.asarray(positions, dtype=np.int64)
         pair_idx = np.empty(len(positions), dtype=np.int64)
         within = np.empty(len(positions), dtype=np.float64)
@@ -154,12 +143,17 @@ def build_mixture(
     available: Mapping[str, int] | None = None,
     strategy: str | None = None,
     source: str = "config",
+    tasks: tuple[str, ...] | None = None,
 ) -> Mixture:
     """The mixture of a config. With `available` ("task/dataset" -> number of samples at hand),
     pairs without data are reported and dropped (weights renormalised) or raise, as
-    cfg.on_missing_pair says; sizes missing from the config are taken from the data at hand."""
+    cfg.on_missing_pair says; sizes missing from the config are taken from the data at hand.
+    `tasks` keeps only those tasks' pairs (stage 1 trains on report generation alone)."""
     strategy = strategy or cfg.strategy
-    pairs = [p for p in pairs_from_config(cfg, source) if p.task_type not in cfg.drop_task_types]
+    pairs = [p for p in pairs_from_config(cfg, source)
+             if p.task_type not in cfg.drop_task_types and (tasks is None or p.task in tasks)]
+    if not pairs:
+        raise ValueError(f"{source}: no mixture pair left" + (f" for the tasks {list(tasks)}" if tasks else ""))
     dropped: list[str] = []
     if available is not None:
         missing = [p.key for p in pairs if available.get(p.key, 0) == 0]

@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from PIL import Image
 
 from m4cxr.config import Experiment
 from m4cxr.data.mixture import Mixture, build_mixture
-from m4cxr.data.schema import samples_path
+from m4cxr.data.schema import ImageStore, samples_path
+from m4cxr.data.stats import pair_counts
+from m4cxr.data.templates import render_conversation
+from m4cxr.model.m4cxr import pad_batch
+from m4cxr.model.tokenizer import encode_conversation, load_tokenizer
+from m4cxr.model.vision import image_array, normalise
 
 PRETRAIN_TASKS = ("single_image",)  # stage 1 trains on image-report pairs without instructions
 
@@ -32,22 +40,12 @@ PRETRAIN_TASKS = ("single_image",)  # stage 1 trains on image-report pairs witho
 
 
 def stage_mixture(exp: Experiment, stage: str, corpus_dir: str | Path) -> Mixture:
-    """The mixture of a stage over the pairs that have training samples in the corpus."""
-    from m4cxr.config import MixtureConfig
-    from m4cxr.data.stats import pair_counts
-
-    cfg = exp.data.mixture
+    """The mixture of a stage over the pairs that have training samples in the corpus; stage 1
+    keeps the report-generation pairs with their empirical weights."""
     if stage == "pretrain":
-        from m4cxr.data.mixture import pairs_from_config
-
-        keep = {p.key: p for p in pairs_from_config(cfg, exp.source) if p.task in PRETRAIN_TASKS}
-        if not keep:
-            raise ValueError(f"{exp.source}: stage 1 needs single_image pairs in data.mixture.pairs")
-        from m4cxr.config import PairWeight
-
-        cfg = MixtureConfig(strategy="empirical", seed=cfg.seed, on_missing_pair=cfg.on_missing_pair,
-                            pairs={k: PairWeight(p.weight, p.size) for k, p in keep.items()})
-    return build_mixture(cfg, pair_counts(corpus_dir, "train"), source=exp.source)
+        return build_mixture(exp.data.mixture, pair_counts(corpus_dir, "train"), strategy="empirical",
+                             source=exp.source, tasks=PRETRAIN_TASKS)
+    return build_mixture(exp.data.mixture, pair_counts(corpus_dir, "train"), source=exp.source)
 
 
 def pair_rows(corpus_dir: str | Path, mixture: Mixture, split: str = "train") -> list[np.ndarray]:
@@ -90,8 +88,6 @@ class PrepareSamples:
     def __init__(self, corpus_dir: str, split: str, tokenizer_dir: str, image_size: int, image_mean: list,
                  image_std: list, box_convention: str, tokens_per_image: int, max_seq_len: int, stage: str,
                  mrg_format: str = "cot"):
-        from m4cxr.data.schema import ImageStore
-        from m4cxr.model.tokenizer import load_tokenizer
 
         self.table = pq.read_table(samples_path(corpus_dir, split))
         self.store = ImageStore(corpus_dir)
@@ -103,8 +99,6 @@ class PrepareSamples:
         self.mrg_format = mrg_format
 
     def conversation(self, sample: dict, position: int) -> tuple[list[dict], list[str]]:
-        from m4cxr.data.templates import render_conversation
-
         image_ids = [i["image_id"] for i in sample["images"]]
         if self.stage == "pretrain":  # image-report pairs, no instructions (stage 1)
             if not sample["report"]:
@@ -122,11 +116,6 @@ class PrepareSamples:
         return render_conversation(sample["task"], fields, turns[0]["content"], cot=False), image_ids
 
     def prepare(self, sample: dict, position: int = 0) -> dict[str, Any]:
-        from PIL import Image
-
-        from m4cxr.model.tokenizer import encode_conversation
-        from m4cxr.model.vision import image_array
-
         out = {"sample_id": sample["sample_id"], "task_type": sample["task_type"], "error": ""}
         try:
             turns, image_ids = self.conversation(sample, position)
@@ -150,8 +139,6 @@ class PrepareSamples:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        import pyarrow as pa
-
         samples = self.table.take(np.asarray(batch["row"], dtype=np.int64)).to_pylist()
         prepared = [self.prepare(s, p) for s, p in zip(samples, batch["position"])]
         # an Arrow table with binary columns: handed on without per-element conversion
@@ -225,10 +212,6 @@ def step_batches(rows: dict[str, np.ndarray], micro_batch: int, pad_id: int, ima
                  image_mean: list, image_std: list, group_by_length: bool = True) -> tuple[list[dict], dict]:
     """One optimizer step's rows -> padded micro-batches (sorted by length when grouping), and
     counts: real and padded tokens, errors with their sample ids."""
-    import torch
-
-    from m4cxr.model.m4cxr import pad_batch
-    from m4cxr.model.vision import normalise
 
     ok = [i for i, e in enumerate(rows["error"]) if not e]
     errors = [f"{rows['sample_id'][i]}: {rows['error'][i]}" for i, e in enumerate(rows["error"]) if e]

@@ -33,7 +33,6 @@ FINDING_RATES = {  # relative frequency of each finding kind
 }
 SIDED = ("effusion", "pneumothorax", "consolidation", "opacity", "nodule", "mass", "atelectasis", "fracture")
 HEDGEABLE = ("effusion", "atelectasis", "consolidation", "pneumothorax", "edema")
-GROUNDABLE = [KINDS[k][0] for k in KINDS]  # every kind has a box in the frontal view
 
 
 @dataclass
@@ -220,8 +219,8 @@ class SampleMaker:
         all_boxes = [{"label": KINDS[s.findings[i].kind][0], "image_index": 0, "box": b} for i, b in drawn.items()]
         if drawn:
             self.add("abnormality_detection", {"bbox": [self.rel(b) for b in drawn.values()]}, img, boxes=all_boxes)
-        ordered = [(n, bx) for n in GROUNDABLE for (m, bx) in items if m == n]
-        self.add("multi_finding_grounding", {"findings": GROUNDABLE, "findings_with_bboxes": ordered}, img, boxes=all_boxes)
+        ordered = [(n, bx) for n in DISPLAY_NAMES for (m, bx) in items if m == n]  # every kind has a box
+        self.add("multi_finding_grounding", {"findings": DISPLAY_NAMES, "findings_with_bboxes": ordered}, img, boxes=all_boxes)
         for organ in ORGANS:
             box = s.frontal.organ_boxes[organ]
             b = [{"label": organ, "image_index": 0, "box": box}]

@@ -27,6 +27,7 @@ KINDS = {
     "fracture": ("Fracture", "Fracture"),
 }
 DISPLAY_NAMES = [v[0] for v in KINDS.values()]  # the synthetic dataset's own label set
+PRECEDENCE = {1: 2, -1: 1, 0: 0}
 PATHOLOGIES = [o for o in dict.fromkeys(v[1] for v in KINDS.values()) if o != "Support Devices"]
 
 
@@ -143,8 +144,8 @@ def write_report(findings: list[Finding], rng: np.random.Generator, follow_up: b
         sentences.append(text)
         if f.change != "resolved":
             by_index[i] = text
-        for k, v in lab.items():
-            labels[k] = max(labels.get(k, v), v) if v != -1 else labels.get(k, -1)
+        for k, v in lab.items():  # CheXpert aggregation: positive over uncertain over negative
+            labels[k] = max(labels.get(k, v), v, key=PRECEDENCE.__getitem__)
     present = {KINDS[f.kind][1] for f in findings if f.change != "resolved"}
     for text, lab in NEGATIONS:
         if not (set(lab) & (present | set(labels))) and rng.random() < 0.45:

@@ -10,7 +10,7 @@ so that batched answers equal one-by-one answers.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -24,7 +24,7 @@ from m4cxr.model.tokenizer import IGNORE, encode_conversation, image_token_id
 from m4cxr.model.vision import VisionEncoder, build_vision_encoder, pixel_values
 
 PARTS = ("vision_encoder", "projector", "llm_lora", "llm")
-SCENARIO_TASKS = {"single_image": "single_image", "multi_image": "multi_image", "multi_study": "multi_study"}
+SCENARIOS = ("single_image", "multi_image", "multi_study")  # the report-generation tasks
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -200,9 +200,9 @@ class M4CXR(nn.Module):
         system = system_prompt or DEFAULT_SYSTEM_PROMPT
         convs, imgs = [], []
         for r in requests:
-            task = SCENARIO_TASKS.get(r.get("scenario", "single_image"))
-            if task is None:
-                raise ValueError(f"unknown scenario {r.get('scenario')!r}; use one of {list(SCENARIO_TASKS)}")
+            task = r.get("scenario", "single_image")
+            if task not in SCENARIOS:
+                raise ValueError(f"unknown scenario {task!r}; use one of {list(SCENARIOS)}")
             fields = {"images": len(r["images"]), "findings": cot_candidates(), "positives": [], "report": "",
                       "prior_images": len(r.get("prior_images", [])), "prior_report": r.get("prior_report", ""),
                       "follow_up_images": len(r["images"])}
@@ -248,8 +248,3 @@ def build_model(exp: Experiment, tokenizer: PreTrainedTokenizerBase, on_gpu: boo
 
 def describe_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in counts.items())
-
-
-def model_info(model: M4CXR) -> dict[str, Any]:
-    return {"params": {k: sum(p.numel() for p in v) for k, v in model.parts().items()},
-            "trainable": model.trainable_counts(), "tokens_per_image": model.tokens_per_image}

@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model
 
 from m4cxr.config import Experiment
-from m4cxr.model.m4cxr import add_lora
+from m4cxr.model.m4cxr import add_lora, llm_architecture
 from m4cxr.model.projector import CAbstractor
 
 KNOWN = {"microsoft/rad-dino": "rad_dino", "mistralai/Mistral-7B-Instruct-v0.2": "mistral_7b_instruct_v0_2"}
@@ -43,15 +43,12 @@ def vision_config(exp: Experiment) -> Dinov2Config:
 
 def llm_config(exp: Experiment):
     cfg = exp.model
-    if cfg.llm_config:
-        fields = dict(cfg.llm_config)
-        return AutoConfig.for_model(fields.pop("model_type", "mistral"), **fields)
-    if cfg.llm in KNOWN:
+    if not cfg.llm_config and cfg.llm in KNOWN:
         return AutoConfig.for_model("mistral", **published_architectures()[KNOWN[cfg.llm]])
-    if Path(cfg.llm).is_dir():
-        return AutoConfig.from_pretrained(cfg.llm)
-    raise ValueError(f"no architecture known for LLM {cfg.llm!r} without downloading; "
-                     "give a local folder or model.llm_config")
+    if not cfg.llm_config and not Path(cfg.llm).is_dir():
+        raise ValueError(f"no architecture known for LLM {cfg.llm!r} without downloading; "
+                         "give a local folder or model.llm_config")
+    return llm_architecture(cfg)
 
 
 def model_summary(exp: Experiment) -> dict:

@@ -75,18 +75,18 @@ def image_token_id(tok: PreTrainedTokenizerBase) -> int:
     return tok.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-_CACHE: dict[tuple[int, str], list[int]] = {}
 _CACHE_LIMIT = 100_000
 
 
 def _encode(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     # questions, candidate lists and the system prompt repeat across samples: encode them once
-    key = (id(tok), text)
-    ids = _CACHE.get(key)
+    # (the cache lives on the tokenizer, so it can never serve another tokenizer's ids)
+    cache = tok.__dict__.setdefault("_m4cxr_encode_cache", {})
+    ids = cache.get(text)
     if ids is None:
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        if len(_CACHE) < _CACHE_LIMIT:
-            _CACHE[key] = ids
+        if len(cache) < _CACHE_LIMIT:
+            cache[text] = ids
     return ids
 
 

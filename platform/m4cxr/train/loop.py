@@ -10,6 +10,7 @@ position in the mixture stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -29,11 +30,12 @@ class DataBudgetExceeded(RuntimeError):
     pass
 
 
-def check_error_budget(errors: int, rows: int, budget: float, recent: list[str]) -> None:
-    """Stop the run once more than `budget` of the streamed samples have failed."""
-    if errors > budget * rows:
+def check_error_budget(errors: int, planned: int, budget: float, recent: list[str]) -> None:
+    """Stop the run once more than `budget` of the worker's planned samples have failed. The
+    budget is a share of the whole run, so one bad sample early on does not stop it."""
+    if errors > budget * planned:
         raise DataBudgetExceeded(
-            f"{errors} of {rows} streamed samples failed, over data.error_budget {budget}; "
+            f"{errors} failed samples, over data.error_budget {budget} of the {planned} this worker streams; "
             f"last: {recent[-1] if recent else '-'}")
 
 
@@ -179,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
         errors_seen += len(stats["errors"])
         for e in stats["errors"]:
             print(f"[{stage_name}] worker {rank}: sample skipped: {e}", flush=True)
-        check_error_budget(errors_seen, rows_seen, exp.data.error_budget, stats["errors"])
+        check_error_budget(errors_seen, stage.training_steps * rows_per_step, exp.data.error_budget, stats["errors"])
         tokens_real += stats["tokens"]
         tokens_padded += stats["padded_tokens"]
         by_type: dict[str, list[float]] = {}
@@ -191,9 +193,9 @@ def train_loop_per_worker(config: dict) -> None:
                 engine.backward(loss)
                 engine.step()
             else:
-                sync = world == 1 or k == len(batches) - 1 or not hasattr(model, "no_sync")
-                ctx_mgr = model.no_sync() if not sync else _null()
-                with ctx_mgr:
+                # DDP: all-reduce the gradients once per step, on the last micro-batch
+                defer = world > 1 and k < len(batches) - 1
+                with model.no_sync() if defer else contextlib.nullcontext():
                     (loss / len(batches)).backward()
             step_loss_sum += float(loss_sum.sum())
             step_tokens += int(n.sum())
@@ -255,14 +257,6 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         save_checkpoint(core, exp, config["final_dir"])
         say(f"final model: {config['final_dir']}")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def deepspeed_engine(exp, model, optimizer, scheduler, micro: int, accum: int, on_gpu: bool):

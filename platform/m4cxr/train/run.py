@@ -48,11 +48,10 @@ def prepare_tokenizer(exp: Experiment, corpus_dir: str | Path) -> str:
     path = Path(corpus_dir) / "tokenizer"
     if not (path / "tokenizer.json").exists():
         from m4cxr.data.schema import read_sample_table
-        from m4cxr.model.tokenizer import train_tiny_tokenizer
+        from m4cxr.model.tokenizer import corpus_texts, train_tiny_tokenizer
 
         turns = read_sample_table(corpus_dir, "train").column("turns").to_pylist()
-        texts = (t["content"] for conv in turns for t in conv)
-        tok = train_tiny_tokenizer(texts, exp.model.tokenizer_vocab_size)
+        tok = train_tiny_tokenizer(corpus_texts(turns), exp.model.tokenizer_vocab_size)
         tok.save_pretrained(path)
         print(f"prepare: trained a {len(tok)}-token BPE tokenizer on {corpus_dir} -> {path}")
     return str(path)
