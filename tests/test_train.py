@@ -56,13 +56,23 @@ def test_quickstart_learns(ray_local, tmp_path):
 
     summary = run_quickstart(tmp_path / "qs", ROOT / "experiments/quickstart.yaml", [
         "data.synthetic.patients=60", "train.pretrain.training_steps=10", "train.pretrain.max_steps=10",
-        "train.instruction.training_steps=80", "train.instruction.max_steps=80", "train.val_samples=24"])
+        "train.instruction.training_steps=80", "train.instruction.max_steps=80", "train.val_samples=24",
+        "eval.samples_per_task=6", "eval.bootstrap_samples=20", "eval.overlays=2"])
     on_disk = json.loads((tmp_path / "qs/summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     train = summary["train"]
     assert train["steps"] == 80
     assert train["val_loss_last"] < 0.6 * train["val_loss_first"], train
     assert 0.5 < train["nonpad_token_share"] <= 1.0
+    ev = summary["eval"]  # the evaluation step ran end to end through Ray Data
+    assert set(ev) >= {"mrg", "grounding", "vqa", "hallucinated_comparison_rate"}
+    assert set(ev["mrg"]) == {"mF1-14", "MF1-14", "BLEU-4", "ROUGE-L", "baseline_mF1-14"}
+    assert set(ev["grounding"]) == {"mIoU", "acc@0.5", "baseline_mIoU"}
+    metrics = json.loads((tmp_path / "qs/eval/metrics.json").read_text())
+    assert metrics["counts"]["single_image/cot"] == {"samples": 6, "errors": 0, "error_examples": []}
+    assert metrics["counts"]["single_image/no_cot"]["samples"] == 6
+    assert len(list((tmp_path / "qs/eval/overlays").glob("*.png"))) == 2
+    assert "## Table 1" in (tmp_path / "qs/eval/report.md").read_text()
     from m4cxr.model.checkpoint import load_checkpoint
 
     model, exp = load_checkpoint(train["checkpoint"])

@@ -7,6 +7,7 @@
     m4cxr data real-organs --coco FILE --images DIR --out DIR
     m4cxr model summary FILE [--json]
     m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
+    m4cxr eval --config FILE --checkpoint CKPT [--out DIR] [--corpus DIR]
     m4cxr quickstart --out DIR
     m4cxr score nlg --hyps H.txt --refs R.txt [--refs R2.txt] [--json]
     m4cxr label REPORTS.csv --column TEXT --out LABELS.csv
@@ -134,6 +135,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from m4cxr.eval.run import evaluate
+
+    exp = load_experiment(args.config, args.set or [])
+    out = args.out or f"runs/{exp.name}/eval"
+    evaluate(exp, args.checkpoint, out, corpus_dir=args.corpus)
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from m4cxr.quickstart import run_quickstart
 
@@ -209,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="checkpoint to start from (stage 2: the stage-1 model)")
     p.add_argument("--name", help="run name (rerun with the same name to resume)")
     p.set_defaults(func=cmd_train)
+
+    p = with_set(sub.add_parser("eval", help="evaluate a checkpoint on a test split (Ray Data batch inference)"))
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint", required=True, help="a run's final/ folder (or any checkpoint folder)")
+    p.add_argument("--out", help="output folder (default: runs/<experiment name>/eval)")
+    p.add_argument("--corpus", help="corpus folder (default: data.corpus_dir)")
+    p.set_defaults(func=cmd_eval)
 
     p = with_set(sub.add_parser("quickstart", help="the main job on the synthetic world"))
     p.add_argument("--out", default="runs/quickstart")

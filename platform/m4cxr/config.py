@@ -155,11 +155,25 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    split: str = "test"
+    # the paper's evaluated tasks: report generation in three scenarios, phrase grounding, VQA
+    tasks: list[str] = field(default_factory=lambda: ["single_image", "multi_image", "multi_study",
+                                                      "phrase_grounding", "vqa"])
+    samples_per_task: int = 0  # 0: every test sample; otherwise the first N of each task
     max_new_tokens: int = 500
     decoding: Literal["greedy", "sample"] = "greedy"
-    cot: bool = True
+    cot: bool = True  # the headline report-generation scores ask for the findings first (CoT)
+    both_cot_modes: bool = True  # also generate reports the other way, for Table 5's CoT rows
+    batch_size: int = 16
+    actors: int = 1  # model replicas in the Ray Data actor pool
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
     bootstrap_samples: int = 1000
     bootstrap_seed: int = 0
+    overlays: int = 12  # grounding pictures drawn per run
+    chexbert_weights: str = ""  # a local CheXbert checkpoint (chexbert.pth): used instead of the rule labeler
+    chexbert_tokenizer: str = "bert-base-uncased"  # a local folder, or a hub id when online
+    radgraph: bool = True  # RadGraph F1 when the radgraph package and its weights are installed
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The main job: the whole platform on the synthetic world, on a laptop CPU.
 
-synthetic world -> tokenizer -> stage 1 (projector) -> stage 2 (instruction tuning) -> summary.
-Evaluation, the sweep and serving add their sections to the same summary.json.
+synthetic world -> tokenizer -> stage 1 (projector) -> stage 2 (instruction tuning) -> evaluation
+on the test split -> summary.json. The sweep and serving add their sections to the same file.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from m4cxr.config import load_experiment
 from m4cxr.data.synthetic import synthesize
+from m4cxr.eval.run import eval_summary, evaluate
 from m4cxr.train.run import prepare_tokenizer, run_stage
 
 
@@ -21,17 +22,17 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
     started = time.time()
     summary: dict = {"experiment": str(config), "out": str(out)}
 
-    print(f"quickstart 1/4: synthetic world ({exp.data.synthetic.patients} patients) -> {exp.data.corpus_dir}")
+    print(f"quickstart 1/5: synthetic world ({exp.data.synthetic.patients} patients) -> {exp.data.corpus_dir}")
     manifest = synthesize(exp.data.corpus_dir, exp.data.synthetic, exp.data.box_convention, exp.data.system_prompt)
     summary["data"] = {"corpus": exp.data.corpus_dir, "samples": manifest["samples"], "images": manifest["images"],
                        "patients": manifest["patients"], "leakage": manifest["leakage"]["patients_in_several_splits"]}
 
-    print("quickstart 2/4: tokenizer")
+    print("quickstart 2/5: tokenizer")
     prepare_tokenizer(exp, exp.data.corpus_dir)
 
-    print(f"quickstart 3/4: stage 1, projector pre-training ({exp.train.pretrain.training_steps} steps)")
+    print(f"quickstart 3/5: stage 1, projector pre-training ({exp.train.pretrain.training_steps} steps)")
     stage1 = run_stage(exp, "pretrain", exp.data.corpus_dir)
-    print(f"quickstart 4/4: stage 2, instruction tuning ({exp.train.instruction.training_steps} steps)")
+    print(f"quickstart 4/5: stage 2, instruction tuning ({exp.train.instruction.training_steps} steps)")
     stage2 = run_stage(exp, "instruction", exp.data.corpus_dir, init_checkpoint=stage1["checkpoint"])
     summary["train"] = {
         "val_loss_first": stage2["val_loss_first"], "val_loss_last": stage2["val_loss_last"],
@@ -39,6 +40,10 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
         "checkpoint": stage2["checkpoint"], "skipped_samples": stage2["skipped_samples"],
         "seconds": round(stage1["seconds"] + stage2["seconds"], 1), "pretrain": stage1,
     }
+    print("quickstart 5/5: evaluation on the test split (Ray Data batch inference)")
+    results = evaluate(exp, stage2["checkpoint"], out / "eval")
+    summary["eval"] = {**eval_summary(results, exp), "report": results["files"]["report"],
+                       "seconds": results["seconds"]}
     summary["seconds"] = round(time.time() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     t = summary["train"]
@@ -47,5 +52,17 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
           f"  stage 1: val loss {stage1['val_loss_first']:.3f} -> {stage1['val_loss_last']:.3f} in {stage1['steps']} steps\n"
           f"  stage 2: val loss {t['val_loss_first']:.3f} -> {t['val_loss_last']:.3f} in {t['steps']} steps, "
           f"non-padding tokens {t['nonpad_token_share']:.0%}\n"
-          f"  model: {t['checkpoint']}")
+          f"  model: {t['checkpoint']}\n"
+          f"  eval: {describe_eval(summary['eval'])}")
     return summary
+
+
+def describe_eval(ev: dict) -> str:
+    parts = []
+    if "mrg" in ev:
+        parts.append(f"report mF1-14 {ev['mrg']['mF1-14']:.3f} (baseline {ev['mrg']['baseline_mF1-14']:.3f})")
+    if "grounding" in ev:
+        parts.append(f"grounding mIoU {ev['grounding']['mIoU']:.3f} (baseline {ev['grounding']['baseline_mIoU']:.3f})")
+    if "vqa" in ev:
+        parts.append(f"VQA accuracy {ev['vqa']['accuracy']:.3f} (baseline {ev['vqa']['baseline_accuracy']:.3f})")
+    return "; ".join(parts) + f"; report page {ev['report']}"

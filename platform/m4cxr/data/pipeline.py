@@ -28,7 +28,7 @@ from m4cxr.config import Experiment
 from m4cxr.data.mixture import Mixture, build_mixture
 from m4cxr.data.schema import ImageStore, samples_path
 from m4cxr.data.stats import pair_counts
-from m4cxr.data.templates import render_conversation
+from m4cxr.data.templates import single_turn_report_conversation
 from m4cxr.model.m4cxr import pad_batch
 from m4cxr.model.tokenizer import encode_conversation, load_tokenizer
 from m4cxr.model.vision import image_array, normalise
@@ -109,11 +109,7 @@ class PrepareSamples:
             return turns, image_ids
         if self.mrg_format == "separate" and position % 2 == 1:
             return turns[:3], image_ids  # the findings question alone, as a classification task
-        roles = [i["role"] for i in sample["images"]]
-        fields = {"images": roles.count("current"), "follow_up_images": roles.count("current"),
-                  "prior_images": roles.count("prior"), "prior_report": sample["prior_report"] or "",
-                  "report": sample["report"], "findings": [], "positives": []}
-        return render_conversation(sample["task"], fields, turns[0]["content"], cot=False), image_ids
+        return single_turn_report_conversation(sample), image_ids
 
     def prepare(self, sample: dict, position: int = 0) -> dict[str, Any]:
         out = {"sample_id": sample["sample_id"], "task_type": sample["task_type"], "error": ""}

@@ -158,3 +158,13 @@ def render_conversation(
 
 def count_images(turns: Sequence[dict[str, str]]) -> int:
     return sum(t["content"].count(IMAGE) for t in turns if t["role"] == "user")
+
+
+def single_turn_report_conversation(sample: dict[str, Any]) -> list[dict[str, str]]:
+    """A stored report-generation sample (a row of SAMPLE_SCHEMA) as one question and the report,
+    without the findings turn: the no-CoT variant for training (mrg_format) and evaluation."""
+    roles = [i["role"] for i in sample["images"]]
+    fields = {"images": roles.count("current"), "follow_up_images": roles.count("current"),
+              "prior_images": roles.count("prior"), "prior_report": sample["prior_report"] or "",
+              "report": sample["report"] or "", "findings": [], "positives": []}
+    return render_conversation(sample["task"], fields, sample["turns"][0]["content"], cot=False)

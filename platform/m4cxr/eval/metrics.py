@@ -50,6 +50,36 @@ def nlg_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str] | s
     return {**{f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}, "ROUGE-L": float(rouge)}
 
 
+def rouge_per_sample(hypotheses: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """ROUGE-L of each report (pycocoevalcap); their mean is the corpus ROUGE-L."""
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if not hypotheses:
+        return np.zeros(0)
+    res = {i: [tokenize_report(h)] for i, h in enumerate(hypotheses)}
+    gts = {i: [tokenize_report(r)] for i, r in enumerate(references)}
+    return np.asarray(Rouge().compute_score(gts, res)[1], dtype=float)
+
+
+def bleu4_bootstrap(hypotheses: Sequence[str], references: Sequence[str], resamples: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of corpus BLEU-4: each report's n-gram counts are computed once by
+    pycocoevalcap's BleuScorer, then resampled and pooled by the same scorer."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    cooked = BleuScorer(n=4)
+    for h, r in zip(hypotheses, references):
+        cooked += (tokenize_report(h), [tokenize_report(r)])
+
+    def bleu4(idx: np.ndarray) -> float:
+        s = BleuScorer(n=4)
+        s.crefs = [cooked.crefs[i] for i in idx]
+        s.ctest = [cooked.ctest[i] for i in idx]
+        return float(s.compute_score(option="closest")[0][3])
+
+    return bootstrap_ci(bleu4, len(hypotheses), resamples, seed)
+
+
 # ----------------------------------------------------------------------------- clinical efficacy
 
 
@@ -118,6 +148,8 @@ def bootstrap_ci(metric: Callable[[np.ndarray], float], n: int, resamples: int =
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric(indices)` over test samples (resampled with
     replacement), e.g. lambda idx: per_sample_iou[idx].mean()."""
+    if n == 0:
+        return (0.0, 0.0)
     rng = np.random.default_rng(seed)
     values = np.array([metric(rng.integers(0, n, n)) for _ in range(resamples)])
     lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])

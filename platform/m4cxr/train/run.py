@@ -86,7 +86,7 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
         "val": validation_set(exp, stage, corpus_dir, tok_dir, tokens_per_image),
     }
     config = {"experiment": to_dict(exp), "source": exp.source, "stage": stage, "tokenizer_dir": tok_dir,
-              "init_checkpoint": str(init_checkpoint or ""), "marker": marker, "run_dir": str(run_dir),
+              "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else "", "marker": marker, "run_dir": str(run_dir),
               "final_dir": str(run_dir / "final"), "inject_failure_at": inject_failure_at}
     trainer = TorchTrainer(
         train_loop_per_worker,

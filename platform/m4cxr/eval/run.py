@@ -1,0 +1,72 @@
+"""Driver side of evaluation: a checkpoint and a test split -> predictions, metrics, tables, pictures.
+
+    OUT/predictions.parquet   one row per (sample, mode): the model's answers beside the references
+    OUT/metrics.json          every metric by task and mode, intervals, baselines, notes
+    OUT/tables.md             the paper's Tables 1-5 and 7 in shape
+    OUT/overlays/*.png        grounding pictures (reference yellow solid, prediction red dashed)
+    OUT/report.md             the page to read: tables, pictures, example reports
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from m4cxr.config import Experiment
+from m4cxr.eval.tables import headline
+
+
+def evaluate(exp: Experiment, checkpoint: str | Path, out: str | Path, corpus_dir: str | Path | None = None) -> dict:
+    from m4cxr.eval.inference import run_inference
+    from m4cxr.eval.pictures import grounding_overlays, write_report_page
+    from m4cxr.eval.scoring import score_predictions
+    from m4cxr.eval.tables import render_tables
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    corpus_dir = str(Path(corpus_dir or exp.data.corpus_dir).resolve())
+    if not (Path(checkpoint) / "m4cxr.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not an M4CXR checkpoint (no m4cxr.json); pass a run's final/ folder")
+    started = time.time()
+    print(f"eval: inference on the {exp.eval.split} split of {corpus_dir} (tasks {', '.join(exp.eval.tasks)})")
+    predictions = run_inference(exp, checkpoint, corpus_dir, out / "predictions.parquet")
+    inference_s = time.time() - started
+    print(f"eval: {predictions.num_rows} answers in {inference_s:.0f}s; scoring")
+    results = score_predictions(exp, predictions, corpus_dir)
+    results.update(checkpoint=str(Path(checkpoint).resolve()), split=exp.eval.split, corpus=corpus_dir,
+                   inference_seconds=round(inference_s, 1))
+    tables = render_tables(results, exp)
+    (out / "tables.md").write_text(tables)
+    overlays = grounding_overlays(predictions, results, corpus_dir, out / "overlays", exp.eval.overlays,
+                                  exp.data.box_convention)
+    page = write_report_page(out, tables, overlays, predictions)
+    results["seconds"] = round(time.time() - started, 1)
+    results["files"] = {"predictions": str(out / "predictions.parquet"), "tables": str(out / "tables.md"),
+                        "report": str(page), "overlays": [str(p) for p in overlays]}
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    print(tables)
+    print(f"eval: done in {results['seconds']:.0f}s -> {page}")
+    return results
+
+
+def eval_summary(results: dict, exp: Experiment) -> dict:
+    """The quickstart's `eval` section: headline numbers of each task type beside their baselines."""
+    mode = "cot" if exp.eval.cot else "no_cot"
+    h = headline(results, exp)
+    summary: dict = {"mode": mode, "labeler": results["labeler"]}
+    if "single_image" in results["mrg"]:
+        summary["mrg"] = {k: h[k] for k in ("mF1-14", "MF1-14", "BLEU-4", "ROUGE-L")}
+        summary["mrg"]["baseline_mF1-14"] = results["baselines"]["single_image"]["mF1-14"]
+    if "phrase_grounding" in results["grounding"]:
+        g = results["grounding"]["phrase_grounding"]
+        summary["grounding"] = {"mIoU": g["mIoU"], "acc@0.5": g["acc@0.5"],
+                                "baseline_mIoU": results["baselines"]["phrase_grounding"]["mIoU"]}
+    if "vqa" in results["vqa"]:
+        summary["vqa"] = {"accuracy": results["vqa"]["vqa"]["accuracy"],
+                          "baseline_accuracy": results["baselines"]["vqa"]["accuracy"]}
+    rates = {task: by_mode[mode]["hallucinated_comparison_rate"] for task, by_mode in results["mrg"].items()
+             if mode in by_mode}
+    summary["hallucinated_comparison_rate"] = rates.get("single_image")
+    summary["comparison_rate_by_scenario"] = rates
+    return summary

@@ -1,0 +1,189 @@
+"""Evaluation: scoring of predictions, baselines, paper-shaped tables, pictures, CheXbert loading,
+and the Ray Data inference path on a checkpoint."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from m4cxr.config import load_experiment
+from m4cxr.data.schema import read_sample_table
+from m4cxr.eval.inference import PREDICTION_SCHEMA, Predictor
+from m4cxr.eval.scoring import mentions_comparison, score_predictions
+from m4cxr.eval.tables import render_tables
+
+from conftest import ROOT
+
+TASKS = ["single_image", "multi_image", "multi_study", "phrase_grounding", "vqa"]
+
+
+def predictions_from(corpus, answer_of, per_task=20, modes=("cot",)):
+    """A predictions table for the first samples of each evaluated task, answers from `answer_of`."""
+    rows = []
+    samples = read_sample_table(corpus, "test").to_pylist()
+    for task in TASKS:
+        chosen = [s for s in samples if s["task"] == task][:per_task]
+        for s in chosen:
+            for mode in (modes if s["task_type"] == "mrg" else ("",)):
+                rows.append({"sample_id": s["sample_id"], "task": task, "task_type": s["task_type"],
+                             "dataset": s["dataset"], "mode": mode, "findings": "", "prediction": answer_of(s),
+                             "reference": s["answer"], "error": ""})
+    return pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return load_experiment(ROOT / "experiments/quickstart.yaml", ["eval.bootstrap_samples=50"])
+
+
+def test_perfect_answers_score_full_marks_and_beat_every_baseline(synthetic_corpus, exp):
+    corpus, _ = synthetic_corpus
+    results = score_predictions(exp, predictions_from(corpus, lambda s: s["answer"]), corpus)
+    single = results["mrg"]["single_image"]["cot"]
+    assert single["uncertain_as_negative"]["mF1-14"] == pytest.approx(1.0)
+    assert single["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and single["ROUGE-L"] == pytest.approx(1.0)
+    lo, hi = single["ci"]["mF1-14"]
+    assert lo <= 1.0 <= hi + 1e-9
+    ground = results["grounding"]["phrase_grounding"]
+    assert ground["acc@0.5"] == 1.0 and ground["mIoU"] > 0.85 and ground["malformed"] == 0
+    assert results["vqa"]["vqa"]["accuracy"] == 1.0
+    # the image-blind baselines stay well below
+    assert results["baselines"]["single_image"]["mF1-14"] < 0.8
+    assert results["baselines"]["phrase_grounding"]["mIoU"] < ground["mIoU"] - 0.3
+    assert results["baselines"]["vqa"]["accuracy"] < 0.7
+    assert results["datasets"]["mrg"] == ["synthetic"]
+
+
+def test_wrong_answers_score_low_and_malformed_boxes_count_as_zero(synthetic_corpus, exp):
+    corpus, _ = synthetic_corpus
+    wrong = {"phrase_grounding": "the box is [1,2,3", "vqa": "banana"}
+    results = score_predictions(exp, predictions_from(corpus, lambda s: wrong.get(
+        s["task"], "Large right pneumothorax. Severe cardiomegaly. Displaced rib fracture.")), corpus)
+    ground = results["grounding"]["phrase_grounding"]
+    assert ground["mIoU"] == 0.0 and ground["malformed"] == ground["samples"] == 20
+    assert results["vqa"]["vqa"]["accuracy"] == 0.0
+    assert results["mrg"]["single_image"]["cot"]["uncertain_as_negative"]["mF1-14"] < 0.3
+
+
+def test_failed_samples_are_counted_not_dropped(synthetic_corpus, exp):
+    corpus, _ = synthetic_corpus
+    table = predictions_from(corpus, lambda s: s["answer"]).to_pylist()
+    table[0]["error"] = "OSError: cannot identify image file"
+    results = score_predictions(exp, pa.Table.from_pylist(table, schema=PREDICTION_SCHEMA), corpus)
+    counts = results["counts"]["single_image/cot"]
+    assert counts == {"samples": 20, "errors": 1, "error_examples": [f"{table[0]['sample_id']}: {table[0]['error']}"]}
+    assert results["mrg"]["single_image"]["cot"]["samples"] == 19
+
+
+def test_hallucinated_comparison_words():
+    assert mentions_comparison("The left effusion has increased compared to the prior study.")
+    assert mentions_comparison("Heart size is unchanged.")
+    assert mentions_comparison("Interval placement of a right chest tube.")
+    assert not mentions_comparison("The lungs are clear. No pleural effusion or pneumothorax.")
+    assert not mentions_comparison("Heart size is normal. There is mild pulmonary edema.")
+
+
+def test_tables_have_the_papers_shape_and_show_paper_figures_only_on_its_test_set(synthetic_corpus, exp):
+    corpus, _ = synthetic_corpus
+    results = score_predictions(exp, predictions_from(corpus, lambda s: s["answer"], modes=("cot", "no_cot")), corpus)
+    synthetic = render_tables(results, exp)
+    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 7"):
+        assert f"## {title}" in synthetic
+    assert "| test set | mF1-14 | mF1-5 | MF1-14 | MF1-5 | eF1-14 | RadGraph F1 | BLEU-1 | BLEU-4 | ROUGE-L |" in synthetic
+    assert "| this run (20 images, cot) | 100.0 | 100.0 |" in synthetic
+    assert "LLaVA-Rad" not in synthetic and "not the paper's test set" in synthetic
+    assert "RadGraph F1 skipped" in synthetic and "CheXbert skipped" in synthetic
+    results["datasets"] = {"mrg": ["mimic_cxr"], "grounding": ["ms_cxr"], "vqa": ["mimic_cxr_vqa"]}
+    paper = render_tables(results, exp)
+    assert "| M4CXR, 2,461 images (frontal) | 60.6 | 61.8 | 40.0 | 49.5 | 53.6 | 21.8 | 33.9 | 10.3 | 28.5 |" in paper
+    assert "| MedRPG | 69.9 | 59.4 |" in paper and "| paper d3 | 59.0 / 37.1 / 10.0 / 28.2 / 57.9 / 78.3 |" in paper
+
+
+def test_overlay_and_report_page(synthetic_corpus, exp, tmp_path):
+    from PIL import Image
+
+    from m4cxr.eval.pictures import grounding_overlays, write_report_page
+
+    corpus, _ = synthetic_corpus
+    predictions = predictions_from(corpus, lambda s: s["answer"])
+    results = score_predictions(exp, predictions, corpus)
+    paths = grounding_overlays(predictions, results, corpus, tmp_path / "overlays", 3, exp.data.box_convention)
+    assert len(paths) == 3
+    with Image.open(paths[0]) as im:
+        r, g, b = np.asarray(im.convert("RGB")).astype(int).transpose(2, 0, 1)
+        assert ((r > 200) & (g > 200) & (b < 80)).any()  # the yellow reference box
+        assert ((r > 200) & (g < 60) & (b < 60)).any()  # the red prediction
+    page = write_report_page(tmp_path, render_tables(results, exp), paths, predictions)
+    text = page.read_text()
+    assert "## Table 1" in text and "![" in text and "- reference:" in text
+
+
+def test_predictor_reports_a_missing_image_as_an_error(synthetic_corpus, tmp_path):
+    """The inference actor on a saved checkpoint: answers for good rows, an error for a bad one."""
+    from m4cxr.model.checkpoint import save_checkpoint
+    from m4cxr.model.m4cxr import build_model
+    from m4cxr.model.tokenizer import corpus_texts, train_tiny_tokenizer
+
+    corpus, _ = synthetic_corpus
+    exp = load_experiment(ROOT / "experiments/quickstart.yaml")
+    table = read_sample_table(corpus, "train")
+    tok = train_tiny_tokenizer(corpus_texts(table.column("turns").to_pylist()[:500]), 500)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(exp, tok), exp, tmp_path / "ckpt")
+    test = read_sample_table(corpus, "test").to_pylist()
+    rows = [next(i for i, s in enumerate(test) if s["task"] == t) for t in ("single_image", "vqa", "phrase_grounding")]
+    bad = dict(test[rows[1]])
+    bad["images"] = [{"image_id": "no_such_image", "role": "main"}]
+    (tmp_path / "corpus/samples").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([test[r] for r in rows] + [bad], schema=read_sample_table(corpus, "test").schema),
+                   tmp_path / "corpus/samples/test.parquet")
+    (tmp_path / "corpus/images").symlink_to(corpus / "images")
+    (tmp_path / "corpus/images.parquet").symlink_to(corpus / "images.parquet")
+    predictor = Predictor(str(ckpt), str(tmp_path / "corpus"), "test", max_new_tokens=5, decoding="greedy",
+                          use_gpu=False)
+    out = predictor({"row": [0, 0, 1, 2, 3], "mode": ["cot", "no_cot", "", "", ""]}).to_pylist()
+    assert [r["error"] for r in out[:4]] == ["", "", "", ""]
+    assert out[0]["findings"] and out[0]["prediction"] and not out[1]["findings"]
+    assert "no_such_image" in out[4]["error"] and out[4]["prediction"] == ""
+
+
+def test_chexbert_checkpoint_is_loaded_and_decoded(tmp_path, exp):
+    """A CheXbert-format checkpoint (DataParallel keys, 13 four-class heads and a two-class head)
+    built at a tiny BERT size: the labeler decodes its classes to CheXpert values."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, PreTrainedTokenizerFast
+
+    from m4cxr.eval.chexbert import CONDITIONS, CheXbert, CheXbertLabeler
+    from m4cxr.eval.scoring import report_labeler
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.train_from_iterator(["the heart is enlarged", "no pleural effusion"] * 10,
+                           trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    PreTrainedTokenizerFast(tokenizer_object=wp, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(tmp_path / "tok")
+    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config.to_json_file(tmp_path / "config.json")
+    model = CheXbert(config)
+    with torch.no_grad():  # Cardiomegaly positive (class 1), Edema uncertain (3), the rest negative (2)
+        for i, head in enumerate(model.linear_heads):
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0] if i < 13 else [5.0, 0.0]))
+        model.linear_heads[CONDITIONS.index("Cardiomegaly")].bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))
+        model.linear_heads[CONDITIONS.index("Edema")].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "chexbert.pth")
+
+    labeler = CheXbertLabeler(tmp_path / "chexbert.pth", str(tmp_path / "tok"))
+    labels = labeler.label_reports(["The heart is enlarged.\n\nNo pleural   effusion.", "no pleural effusion"])
+    assert labels[0]["Cardiomegaly"] == 1 and labels[0]["Edema"] == -1 and labels[0]["Pneumothorax"] == 0
+    assert "No Finding" not in labels[0] and len(labels) == 2
+    exp_chexbert = load_experiment(ROOT / "experiments/quickstart.yaml", [
+        f"eval.chexbert_weights={tmp_path / 'chexbert.pth'}", f"eval.chexbert_tokenizer={tmp_path / 'tok'}"])
+    _, name = report_labeler(exp_chexbert)
+    assert name.startswith("CheXbert")
+    with pytest.raises(FileNotFoundError, match="chexbert_weights"):
+        CheXbertLabeler(tmp_path / "missing.pth", str(tmp_path / "tok"))
