@@ -8,6 +8,7 @@
     m4cxr model summary FILE [--json]
     m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
     m4cxr eval --config FILE --checkpoint CKPT [--out DIR] [--corpus DIR]
+    m4cxr sweep --config FILE [--name NAME]
     m4cxr quickstart --out DIR
     m4cxr score nlg --hyps H.txt --refs R.txt [--refs R2.txt] [--json]
     m4cxr label REPORTS.csv --column TEXT --out LABELS.csv
@@ -144,6 +145,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from m4cxr.sweep.run import run_sweep
+
+    exp = load_experiment(args.config, args.set or [])
+    summary = run_sweep(exp, args.name)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from m4cxr.quickstart import run_quickstart
 
@@ -226,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/<experiment name>/eval)")
     p.add_argument("--corpus", help="corpus folder (default: data.corpus_dir)")
     p.set_defaults(func=cmd_eval)
+
+    p = with_set(sub.add_parser("sweep", help="sweep mixture and LoRA settings (Ray Tune + Optuna)"))
+    p.add_argument("--config", required=True, help="an experiment file with a tune section (experiments/sweeps/)")
+    p.add_argument("--name", help="sweep name (default: <experiment>-sweep); rerun with it to continue")
+    p.set_defaults(func=cmd_sweep)
 
     p = with_set(sub.add_parser("quickstart", help="the main job on the synthetic world"))
     p.add_argument("--out", default="runs/quickstart")

@@ -177,9 +177,47 @@ class EvalConfig:
 
 
 @dataclass
+class SearchSpace:
+    """What a sweep varies. Ranges are [low, high]; lists of choices are categorical. An empty
+    entry is not searched (the experiment's own value is kept)."""
+    # raw weights per task type (mrg, image_understanding, vqa), normalised onto the simplex:
+    # each trial's shares sum to 1 and scale the weights of the task type's pairs
+    task_type_shares: dict[str, list[float]] = field(default_factory=dict)
+    pair_multipliers: dict[str, list[float]] = field(default_factory=dict)  # "task/dataset" -> [low, high]
+    strategy: list[Literal["empirical", "d1", "d2", "d3", "d4"]] = field(default_factory=list)
+    lora_r: list[int] = field(default_factory=list)
+    lora_alpha: list[int] = field(default_factory=list)
+    lora_dropout: list[float] = field(default_factory=list)  # [low, high]
+    lora_target_modules: list[list[str]] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)  # [low, high], searched on a log scale
+
+
+@dataclass
 class TuneConfig:
     num_trials: int = 4
     max_concurrent_trials: int = 1
+    # multi: NSGA-II over `objectives` at once (a Pareto front); single: TPE on their weighted
+    # sum, with ASHA stopping trials early on validation loss
+    objective: Literal["multi", "single"] = "multi"
+    objectives: dict[str, Literal["max", "min"]] = field(default_factory=lambda: {
+        "mrg_mF1-14": "max", "grounding_mIoU": "max", "vqa_BLEU-1": "max"})
+    # weights of the single objective, and of the pick of the winner from the Pareto front
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "mrg_mF1-14": 1.0, "grounding_mIoU": 1.0, "vqa_BLEU-1": 1.0})
+    sampler: Literal["auto", "tpe", "nsga2"] = "auto"  # auto: NSGA-II for multi, TPE for single
+    seed: int = 0
+    trial_steps: int = 100  # stage-2 steps of one trial
+    eval_every: int = 25  # validation loss every N steps (ASHA's signal)
+    eval_samples_per_task: int = 16  # validation samples per task for the objectives
+    init_checkpoint: str = ""  # each trial fine-tunes from here (the stage-1 model); "" = fresh
+    early_stopping: bool = True  # ASHA, single-objective sweeps only
+    grace_period: int = 25  # steps before ASHA may stop a trial
+    reduction_factor: int = 2
+    cpus_per_trial: float = 0.05  # the trial's driver only: its workers and actors ask for their own
+    log_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
+    mlflow_tracking_uri: str = ""
+    output_dir: str = "runs/sweeps"
+    space: SearchSpace = field(default_factory=SearchSpace)
 
 
 @dataclass

@@ -62,6 +62,16 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def lora_differs(model, exp) -> bool:
+    """Whether the loaded model's LoRA adapter differs from the experiment's model.lora."""
+    peft_config = getattr(model.llm, "peft_config", {}).get("default")
+    if peft_config is None:
+        return True
+    want = exp.model.lora
+    return (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout, set(peft_config.target_modules)) != \
+        (want.r, want.alpha, want.dropout, set(want.target_modules))
+
+
 def train_loop_per_worker(config: dict) -> None:
     import logging
 
@@ -92,6 +102,12 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(exp.train.seed)  # the same frozen random weights on every (re)start
     if config.get("init_checkpoint"):
         model, _ = load_checkpoint(config["init_checkpoint"], trainable=True)
+        if lora_differs(model, exp):  # this stage asks for another adapter: fold the old one in
+            from m4cxr.model.m4cxr import add_lora
+
+            base = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
+            model.llm = add_lora(base, exp.model)
+            say(f"LoRA of {config['init_checkpoint']} merged; a new adapter as model.lora asks (r {exp.model.lora.r})")
     else:
         model = build_model(exp, load_tokenizer(config["tokenizer_dir"]), on_gpu=on_gpu)
     counts = model.set_trainable(stage.trainable)

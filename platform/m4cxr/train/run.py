@@ -58,9 +58,10 @@ def prepare_tokenizer(exp: Experiment, corpus_dir: str | Path) -> str:
 
 
 def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoint: str | None = None,
-              run_name: str | None = None, inject_failure_at: int = -1) -> dict:
+              run_name: str | None = None, inject_failure_at: int = -1, callbacks: list | None = None) -> dict:
     """Train one stage; `inject_failure_at` makes the worker fail once at that step (to check
-    that a run recovers from its last checkpoint)."""
+    that a run recovers from its last checkpoint); `callbacks` are Ray Train callbacks (a sweep
+    passes Tune's report callback)."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -96,7 +97,8 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
                                                            **({"GPU": 1} if exp.train.use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=exp.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=exp.train.max_failures),
+                             callbacks=callbacks or []),
         datasets=datasets,
         # the training stream keeps its order, so a run is reproducible and resumable
         dataset_config=DataConfig(datasets_to_split=["train"],

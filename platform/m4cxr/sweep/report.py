@@ -1,0 +1,156 @@
+"""A sweep's outputs: the results table, the Pareto front, plots, and the winning experiment.
+
+    results.csv / results.md     one row per trial: status, parameters, objectives, validation loss
+    pareto.png                   the objectives pairwise, the Pareto front in red
+    importance.png               Optuna's parameter importances (fANOVA) for the first objective
+    parallel_coordinate.png      Optuna's parallel-coordinate plot for the first objective
+    best_experiment.yaml         the experiment with the winner's settings, at full training length:
+                                 `m4cxr train` and serving take it as it is
+The winner of a multi-objective sweep is the Pareto trial with the best weighted sum
+(tune.weights); of a single-objective sweep, the trial with the best objective.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from m4cxr.config import Experiment, save_experiment  # noqa: E402
+from m4cxr.sweep.run import SINGLE, weighted_objective  # noqa: E402
+from m4cxr.sweep.space import apply_params, distributions  # noqa: E402
+
+
+def trial_rows(exp: Experiment, grid) -> list[dict[str, Any]]:
+    params = list(distributions(exp.tune.space))
+    objectives = list(exp.tune.objectives)
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        done = all(metrics.get(k) is not None for k in objectives)
+        status = "error" if result.error else "completed" if done else "stopped early"
+        rows.append({"trial": Path(result.path).name if result.path else metrics.get("trial_id", "?"),
+                     "status": status, **{p: result.config.get(p) for p in params},
+                     **{k: metrics.get(k) if done else None for k in objectives},
+                     "val_loss": metrics.get("val_loss"), "steps": metrics.get("step"),
+                     SINGLE: metrics.get(SINGLE) if done else None})
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def pareto_front(rows: list[dict], objectives: dict[str, str]) -> list[int]:
+    """Indices of the completed trials that no other completed trial dominates."""
+    done = [i for i, r in enumerate(rows) if r["status"] == "completed"]
+    sign = np.array([1.0 if m == "max" else -1.0 for m in objectives.values()])
+    values = {i: sign * np.array([rows[i][k] for k in objectives], dtype=float) for i in done}
+    return [i for i in done if not any(np.all(values[j] >= values[i]) and np.any(values[j] > values[i])
+                                       for j in done if j != i)]
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_table(rows: list[dict], pareto: list[int], out: Path) -> None:
+    header = list(rows[0]) + ["pareto"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i, r in enumerate(rows):
+            writer.writerow([*r.values(), i in pareto])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r.values()) + f" | {'yes' if i in pareto else ''} |"
+              for i, r in enumerate(rows)]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_pareto(rows: list[dict], pareto: list[int], objectives: list[str], path: Path) -> Path:
+    done = [i for i, r in enumerate(rows) if r["status"] == "completed"]
+    pairs = [(a, b) for n, a in enumerate(objectives) for b in objectives[n + 1:]] or [(objectives[0], objectives[0])]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs):
+        for i in done:
+            on_front = i in pareto
+            ax.scatter(rows[i][a], rows[i][b], c="red" if on_front else "grey", s=50 if on_front else 25, zorder=3)
+            ax.annotate(rows[i]["trial"].split("_")[-1][:6], (rows[i][a], rows[i][b]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(a)
+        ax.set_ylabel(b)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{len(done)} completed trials; Pareto front in red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def optuna_plots(exp: Experiment, rows: list[dict], out: Path) -> dict[str, str]:
+    """Importance and parallel-coordinate plots from Optuna, on a study rebuilt from the table."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    dists = distributions(exp.tune.space)
+    objectives = list(exp.tune.objectives)
+    directions = ["maximize" if m == "max" else "minimize" for m in exp.tune.objectives.values()]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=directions)
+    for r in rows:
+        if r["status"] == "completed":
+            study.add_trial(optuna.trial.create_trial(params={p: r[p] for p in dists}, distributions=dists,
+                                                      values=[r[k] for k in objectives]))
+    first = objectives[0]
+    paths = {}
+    plots = {"parallel_coordinate": ovm.plot_parallel_coordinate, "importance": ovm.plot_param_importances}
+    for name, plot in plots.items():
+        try:
+            ax = plot(study, target=lambda t: t.values[0], target_name=first)
+        except (ValueError, RuntimeError) as err:  # too few completed trials, or no variation
+            print(f"sweep: no {name} plot ({err})")
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(8, 4.5)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=100)
+        plt.close(fig)
+        paths[name] = str(out / f"{name}.png")
+    return paths
+
+
+def write_outputs(exp: Experiment, grid, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = trial_rows(exp, grid)
+    objectives = exp.tune.objectives
+    pareto = pareto_front(rows, objectives) if exp.tune.objective == "multi" else []
+    write_table(rows, pareto, out)
+    completed = [i for i, r in enumerate(rows) if r["status"] == "completed"]
+    summary: dict[str, Any] = {"trials": len(rows), "completed": len(completed),
+                               "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+                               "errors": sum(r["status"] == "error" for r in rows), "pareto_size": len(pareto),
+                               "table": str(out / "results.md")}
+    if not completed:
+        print(f"sweep: no trial completed; see {out / 'results.md'}")
+        return summary
+    candidates = pareto or completed
+    best = max(candidates, key=lambda i: weighted_objective(exp, rows[i]))
+    params = {p: rows[best][p] for p in distributions(exp.tune.space)}
+    winner = apply_params(exp, params)
+    winner.name = f"{exp.name}-best"
+    winner.description = f"{exp.name} with the settings of sweep trial {rows[best]['trial']}: {params}"
+    summary["best_trial"] = rows[best]["trial"]
+    summary["best_params"] = params
+    summary["best_objectives"] = {k: rows[best][k] for k in objectives}
+    summary["best_experiment"] = str(save_experiment(winner, out / "best_experiment.yaml"))
+    summary["plot"] = str(plot_pareto(rows, pareto or [best], list(objectives), out / "pareto.png"))
+    summary["plots"] = optuna_plots(exp, rows, out)
+    print((out / "results.md").read_text())
+    print(f"sweep: best trial {summary['best_trial']} -> {summary['best_experiment']}")
+    return summary
