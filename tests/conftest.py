@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,10 @@ def synthetic_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     manifest = synthesize(out, SyntheticConfig(patients=200, seed=0, image_size=128), progress=False)
     return out, manifest
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (tests serve on loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,7 @@ import yaml
 from m4cxr.config import load_experiment
 from m4cxr.train.run import run_stage
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 
 def test_worker_failure_resumes_from_checkpoint(ray_local, synthetic_corpus, tmp_path):
@@ -57,7 +57,9 @@ def test_quickstart_learns(ray_local, tmp_path):
     summary = run_quickstart(tmp_path / "qs", ROOT / "experiments/quickstart.yaml", [
         "data.synthetic.patients=60", "train.pretrain.training_steps=10", "train.pretrain.max_steps=10",
         "train.instruction.training_steps=80", "train.instruction.max_steps=80", "train.val_samples=24",
-        "eval.samples_per_task=6", "eval.bootstrap_samples=20", "eval.overlays=2"])
+        "eval.samples_per_task=6", "eval.bootstrap_samples=20", "eval.overlays=2",
+        "tune.num_trials=2", "tune.trial_steps=4", "tune.eval_every=2", "tune.eval_samples_per_task=4",
+        f"serve.port={free_port()}"])
     on_disk = json.loads((tmp_path / "qs/summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     train = summary["train"]
@@ -73,6 +75,9 @@ def test_quickstart_learns(ray_local, tmp_path):
     assert metrics["counts"]["single_image/no_cot"]["samples"] == 6
     assert len(list((tmp_path / "qs/eval/overlays").glob("*.png"))) == 2
     assert "## Table 1" in (tmp_path / "qs/eval/report.md").read_text()
+    assert summary["sweep"]["trials"] == 2 and summary["sweep"]["completed"] == 2
+    assert summary["serve"]["requests_ok"] == 4 and summary["serve"]["requests_failed"] == 0
+    assert summary["serve"]["checkpoints"] == ["default", "sweep-best"]
     from m4cxr.model.checkpoint import load_checkpoint
 
     model, exp = load_checkpoint(train["checkpoint"])

@@ -9,6 +9,7 @@
     m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
     m4cxr eval --config FILE --checkpoint CKPT [--out DIR] [--corpus DIR]
     m4cxr sweep --config FILE [--name NAME]
+    m4cxr serve --checkpoint DIR [--checkpoint NAME=DIR ...] [--port P]
     m4cxr quickstart --out DIR
     m4cxr score nlg --hyps H.txt --refs R.txt [--refs R2.txt] [--json]
     m4cxr label REPORTS.csv --column TEXT --out LABELS.csv
@@ -154,6 +155,35 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from ray import serve
+
+    from m4cxr.serve.apps import run_services
+
+    checkpoints = {}
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if sep and name and path:
+            checkpoints[name] = path
+        else:
+            checkpoints["default" if "default" not in checkpoints else f"checkpoint{len(checkpoints)}"] = item
+    url = run_services(checkpoints, port=args.port, max_new_tokens=args.max_new_tokens,
+                       max_batch_size=args.max_batch_size, use_gpu=args.gpu)
+    print(f"serving {', '.join(f'{k}={v}' for k, v in checkpoints.items())} at {url}:\n"
+          f"  POST {url}/mrg  {url}/grounding  {url}/vqa  {url}/v1/chat/completions;  GET {url}/v1/models\n"
+          f"  (Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("stopping the services")
+    serve.shutdown()
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from m4cxr.quickstart import run_quickstart
 
@@ -241,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="an experiment file with a tune section (experiments/sweeps/)")
     p.add_argument("--name", help="sweep name (default: <experiment>-sweep); rerun with it to continue")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("serve", help="serve checkpoints with Ray Serve (mrg, grounding, vqa, OpenAI-style chat)")
+    p.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]DIR",
+                   help="a checkpoint folder; repeat as NAME=DIR to serve several (the first is the default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
+    p.set_defaults(func=cmd_serve)
 
     p = with_set(sub.add_parser("quickstart", help="the main job on the synthetic world"))
     p.add_argument("--out", default="runs/quickstart")

@@ -1,8 +1,8 @@
 """The main job: the whole platform on the synthetic world, on a laptop CPU.
 
 synthetic world -> tokenizer -> stage 1 (projector) -> stage 2 (instruction tuning) -> evaluation
-on the test split -> a 4-trial sweep from the stage-2 model -> summary.json. Serving adds its
-section to the same file.
+on the test split -> a 4-trial sweep from the stage-2 model -> the services on Ray Serve, one
+request of each kind -> summary.json.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
     started = time.time()
     summary: dict = {"experiment": str(config), "out": str(out)}
 
-    print(f"quickstart 1/6: synthetic world ({exp.data.synthetic.patients} patients) -> {exp.data.corpus_dir}")
+    print(f"quickstart 1/7: synthetic world ({exp.data.synthetic.patients} patients) -> {exp.data.corpus_dir}")
     manifest = synthesize(exp.data.corpus_dir, exp.data.synthetic, exp.data.box_convention, exp.data.system_prompt)
     summary["data"] = {"corpus": exp.data.corpus_dir, "samples": manifest["samples"], "images": manifest["images"],
                        "patients": manifest["patients"], "leakage": manifest["leakage"]["patients_in_several_splits"]}
 
-    print("quickstart 2/6: tokenizer")
+    print("quickstart 2/7: tokenizer")
     prepare_tokenizer(exp, exp.data.corpus_dir)
 
-    print(f"quickstart 3/6: stage 1, projector pre-training ({exp.train.pretrain.training_steps} steps)")
+    print(f"quickstart 3/7: stage 1, projector pre-training ({exp.train.pretrain.training_steps} steps)")
     stage1 = run_stage(exp, "pretrain", exp.data.corpus_dir)
-    print(f"quickstart 4/6: stage 2, instruction tuning ({exp.train.instruction.training_steps} steps)")
+    print(f"quickstart 4/7: stage 2, instruction tuning ({exp.train.instruction.training_steps} steps)")
     stage2 = run_stage(exp, "instruction", exp.data.corpus_dir, init_checkpoint=stage1["checkpoint"])
     summary["train"] = {
         "val_loss_first": stage2["val_loss_first"], "val_loss_last": stage2["val_loss_last"],
@@ -44,15 +44,20 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
         "checkpoint": stage2["checkpoint"], "skipped_samples": stage2["skipped_samples"],
         "seconds": round(stage1["seconds"] + stage2["seconds"], 1), "pretrain": stage1,
     }
-    print("quickstart 5/6: evaluation on the test split (Ray Data batch inference)")
+    print("quickstart 5/7: evaluation on the test split (Ray Data batch inference)")
     results = evaluate(exp, stage2["checkpoint"], out / "eval")
     summary["eval"] = {**eval_summary(results, exp), "report": results["files"]["report"],
                        "seconds": results["seconds"]}
     sweep_exp = load_experiment(sweep_config, [*places, f"tune.init_checkpoint={stage2['checkpoint']}", *overrides])
-    print(f"quickstart 6/6: sweep, {sweep_exp.tune.num_trials} trials (Ray Tune + Optuna)")
+    print(f"quickstart 6/7: sweep, {sweep_exp.tune.num_trials} trials (Ray Tune + Optuna)")
     sweep = run_sweep(sweep_exp, name="quickstart-sweep")
     summary["sweep"] = {k: sweep.get(k) for k in ("trials", "completed", "pareto_size", "best_experiment", "plot",
                                                    "best_params", "best_objectives", "seconds")}
+    print(f"quickstart 7/7: serving on {exp.serve.host}:{exp.serve.port} (Ray Serve), one request of each kind")
+    served = {"default": stage2["checkpoint"]}
+    if sweep.get("best_checkpoint"):
+        served["sweep-best"] = sweep["best_checkpoint"]
+    summary["serve"] = serve_check(served, exp, exp.data.corpus_dir)
     summary["seconds"] = round(time.time() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     t = summary["train"]
@@ -64,7 +69,8 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
           f"  model: {t['checkpoint']}\n"
           f"  eval: {describe_eval(summary['eval'])}\n"
           f"  sweep: {sweep['completed']}/{sweep['trials']} trials, Pareto front of {sweep['pareto_size']}, "
-          f"best -> {sweep.get('best_experiment')}")
+          f"best -> {sweep.get('best_experiment')}\n"
+          f"  serve: {summary['serve']['requests_ok']} requests answered, {summary['serve']['requests_failed']} failed")
     return summary
 
 
@@ -77,3 +83,51 @@ def describe_eval(ev: dict) -> str:
     if "vqa" in ev:
         parts.append(f"VQA accuracy {ev['vqa']['accuracy']:.3f} (baseline {ev['vqa']['baseline_accuracy']:.3f})")
     return "; ".join(parts) + f"; report page {ev['report']}"
+
+
+def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
+    """Start the services, send one request of each kind (report, grounding, VQA, chat with the
+    sweep's winner), print the answers, shut down."""
+    import base64
+    import json as js
+    import urllib.error
+    import urllib.request
+
+    from ray import serve
+
+    from m4cxr.data.schema import ImageStore, read_sample_table
+    from m4cxr.serve.apps import run_services
+
+    url = run_services(checkpoints, port=exp.serve.port, host=exp.serve.host, max_new_tokens=exp.eval.max_new_tokens)
+    sample = next(r for r in read_sample_table(corpus_dir, "test").to_pylist() if r["task"] == "single_image")
+    image = base64.b64encode(ImageStore(corpus_dir).path(sample["images"][0]["image_id"]).read_bytes()).decode()
+    chat_model = "sweep-best" if "sweep-best" in checkpoints else "default"
+    requests = {
+        "mrg": ("/mrg", {"scenario": "single_image", "images": [image]}),
+        "grounding": ("/grounding", {"image": image, "phrase": "There is a small left pleural effusion."}),
+        "vqa": ("/vqa", {"images": [image], "question": "Is the heart enlarged?"}),
+        "chat": ("/v1/chat/completions", {"model": chat_model, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "radiology image:"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+            {"type": "text", "text": "Answer the question. Is there a pneumothorax?"}]}]}),
+    }
+    out = {"url": url, "checkpoints": list(checkpoints), "requests_ok": 0, "requests_failed": 0, "answers": {}}
+    try:
+        for name, (route, body) in requests.items():
+            req = urllib.request.Request(url + route, data=js.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    answer = js.loads(r.read())
+                out["requests_ok"] += 1
+            except (urllib.error.URLError, TimeoutError) as err:
+                answer = {"error": str(err)}
+                out["requests_failed"] += 1
+            if name == "chat":
+                answer = {"model": answer.get("model"), "answer": (answer.get("choices") or [{}])[0].get("message", {})
+                          .get("content"), **({"error": answer["error"]} if "error" in answer else {})}
+            out["answers"][name] = answer
+            print(f"  {route}: {js.dumps(answer)[:300]}")
+    finally:
+        serve.shutdown()
+    return out

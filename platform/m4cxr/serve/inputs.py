@@ -107,7 +107,8 @@ def decode_image(value: Any, where: str) -> Image.Image:
             width, height = probe.size
             kind = probe.format
     except Image.DecompressionBombError as err:
-        raise RequestError(f"{where}: too many pixels ({err})", 413) from err
+        raise RequestError(f"{where}: the image is over the limit of {MAX_PIXELS:,} pixels "
+                           f"(a decompression bomb?)", 413) from err
     except Exception as err:
         raise RequestError(f"{where}: not an image (PNG, JPEG or DICOM expected)") from err
     if width * height > MAX_PIXELS:

@@ -93,15 +93,9 @@ class ModelServer:
                                f"the context limit of {model.context_limit}", 413)
 
     async def check_health(self) -> None:
-        """Serve's health check: the default model must still generate."""
-        from PIL import Image
-
-        model = await self.get_model(self.default)
-        conv = [{"role": "system", "content": model.system_prompt},
-                {"role": "user", "content": "radiology image: <image> Answer the question. Is there a pneumothorax?"}]
-        out = await asyncio.to_thread(model.generate, [conv], [[Image.new("L", (64, 64))]], 2)
-        if not isinstance(out, list) or len(out) != 1:
-            raise RuntimeError("the model did not generate")
+        """Serve's health check: the default model must still generate (a replica that fails it
+        is replaced)."""
+        await probe_generation(await self.get_model(self.default))
 
     # -- requests
 
@@ -115,6 +109,20 @@ class ModelServer:
             return JSONResponse(await route(model, body))
         except RequestError as err:
             return error_response(err)
+
+
+async def probe_generation(model) -> None:
+    """Two tokens for a blank image; raises when the model cannot generate."""
+    from PIL import Image
+
+    conv = [{"role": "system", "content": model.system_prompt},
+            {"role": "user", "content": "radiology image: <image> Answer the question. Is there a pneumothorax?"}]
+    try:
+        out = await asyncio.to_thread(model.generate, [conv], [[Image.new("L", (64, 64))]], 2)
+    except Exception as err:
+        raise RuntimeError(f"unhealthy: the model cannot generate ({type(err).__name__}: {err})") from err
+    if not isinstance(out, list) or len(out) != 1 or not isinstance(out[0], str):
+        raise RuntimeError(f"unhealthy: the model returned {out!r} for one prompt")
 
 
 def serve_options(cfg: dict[str, Any]) -> dict[str, Any]:

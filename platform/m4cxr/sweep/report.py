@@ -39,7 +39,7 @@ def trial_rows(exp: Experiment, grid) -> list[dict[str, Any]]:
                      "status": status, **{p: result.config.get(p) for p in params},
                      **{k: metrics.get(k) if done else None for k in objectives},
                      "val_loss": metrics.get("val_loss"), "steps": metrics.get("step"),
-                     SINGLE: metrics.get(SINGLE) if done else None})
+                     SINGLE: metrics.get(SINGLE) if done else None, "checkpoint": metrics.get("trial_checkpoint")})
     return sorted(rows, key=lambda r: r["trial"])
 
 
@@ -148,6 +148,7 @@ def write_outputs(exp: Experiment, grid, out: Path) -> dict:
     summary["best_trial"] = rows[best]["trial"]
     summary["best_params"] = params
     summary["best_objectives"] = {k: rows[best][k] for k in objectives}
+    summary["best_checkpoint"] = rows[best]["checkpoint"]  # the trial's own short fine-tune
     summary["best_experiment"] = str(save_experiment(winner, out / "best_experiment.yaml"))
     summary["plot"] = str(plot_pareto(rows, pareto or [best], list(objectives), out / "pareto.png"))
     summary["plots"] = optuna_plots(exp, rows, out)

@@ -1,0 +1,252 @@
+"""Serving: the four applications started in-process on 127.0.0.1 with a tiny checkpoint; every
+route with valid and invalid requests, concurrency, batching, DICOM, several checkpoints, and the
+openai client."""
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m4cxr.config import load_experiment
+from m4cxr.data.schema import read_sample_table
+
+from conftest import ROOT, free_port
+
+
+def png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(synthetic_corpus, tmp_path_factory):
+    """Two tiny checkpoints with random weights (different seeds): "default" and "other"."""
+    from m4cxr.model.checkpoint import save_checkpoint
+    from m4cxr.model.m4cxr import build_model
+    from m4cxr.model.tokenizer import corpus_texts, train_tiny_tokenizer
+
+    corpus, _ = synthetic_corpus
+    exp = load_experiment(ROOT / "experiments/quickstart.yaml")
+    tok = train_tiny_tokenizer(corpus_texts(read_sample_table(corpus, "train").column("turns").to_pylist()[:500]), 500)
+    out = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for seed, name in ((0, "default"), (1, "other")):
+        torch.manual_seed(seed)
+        paths[name] = str(save_checkpoint(build_model(exp, tok), exp, out / name))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def services(ray_local, tiny_checkpoints):
+    from ray import serve
+
+    from m4cxr.serve.apps import run_services
+
+    port = free_port()
+    url = run_services(tiny_checkpoints, port=port, max_new_tokens=8, max_batch_size=16, batch_wait_timeout_s=0.05,
+                       max_prompt_tokens=400)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def xray(synthetic_corpus):
+    corpus, _ = synthetic_corpus
+    return Image.open(next((corpus / "images").glob("*.png"))).convert("L")
+
+
+def post(url: str, body, headers: dict | None = None, raw: bytes | None = None) -> tuple[int, dict, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as err:
+        text = err.read()
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError:
+            payload = {"raw": text.decode(errors="replace")}
+        return err.code, payload, dict(err.headers)
+
+
+def test_every_route_answers(services, xray):
+    b64 = png_b64(xray)
+    status, body, _ = post(f"{services}/mrg", {"scenario": "single_image", "images": [b64]})
+    assert status == 200 and set(body) == {"findings", "findings_text", "report"} and isinstance(body["report"], str)
+    status, body, _ = post(f"{services}/mrg", {"scenario": "multi_study", "images": [b64, b64], "prior_images": [b64],
+                                               "prior_report": "No acute process.", "cot": False})
+    assert status == 200 and body["findings"] == []
+    status, body, _ = post(f"{services}/grounding", {"image": b64, "phrase": "small left pleural effusion"})
+    assert status == 200 and {"box", "box_pixels", "answer"} <= set(body)
+    if body["box"] is not None:  # random weights may not write a box; when they do it is in range
+        assert all(0 <= v <= 100 for v in body["box"])
+    status, body, _ = post(f"{services}/grounding", {"image": b64, "box": [10, 20, 40, 60], "ask": "organ"})
+    assert status == 200 and isinstance(body["answer"], str)
+    status, body, _ = post(f"{services}/vqa", {"images": [b64, b64], "question": "What has changed?"})
+    assert status == 200 and isinstance(body["answer"], str)
+    with urllib.request.urlopen(f"{services}/v1/models", timeout=30) as r:
+        assert [m["id"] for m in json.loads(r.read())["data"]] == ["default", "other"]
+
+
+def bomb_png() -> str:
+    """A valid PNG header claiming 50,000 x 50,000 pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+def test_bad_requests_get_their_own_4xx(services, xray):
+    b64 = png_b64(xray)
+    good_png = base64.b64decode(b64)
+    corrupt = base64.b64encode(good_png[:60] + b"\0" * 200).decode()
+    cases = [
+        ("/mrg", None, b"{not json", 400, "not valid JSON"),
+        ("/mrg", {"scenario": "single_image"}, None, 400, "missing field 'images'"),
+        ("/mrg", {"images": [base64.b64encode(b"hello, not an image").decode()]}, None, 400, "not an image"),
+        ("/mrg", {"images": ["%%%not base64%%%"]}, None, 400, "not valid base64"),
+        ("/mrg", {"images": [corrupt]}, None, 400, "corrupt PNG"),
+        ("/mrg", {"images": [bomb_png()]}, None, 413, "over the limit"),
+        ("/mrg", {"scenario": "multi_image", "images": [b64] * 6}, None, 400, "1 to 5 images"),
+        ("/mrg", {"scenario": "multi_study", "images": [b64]}, None, 400, "needs the prior study"),
+        ("/mrg", {"scenario": "multi_study", "images": [b64] * 6, "prior_images": [b64] * 5, "prior_report": "x"},
+         None, 400, "1 to 5 images"),
+        ("/mrg", {"scenario": "panorama", "images": [b64]}, None, 400, "field 'scenario' must be one of"),
+        ("/grounding", {"image": b64, "box": [10, 20, 140, 60]}, None, 400, "must lie in 0-100"),
+        ("/grounding", {"image": b64, "box": "[10,20,30]"}, None, 400, "is not a box"),
+        ("/grounding", {"image": b64, "box": [40, 20, 10, 60]}, None, 400, "x1 < x2"),
+        ("/grounding", {"image": b64}, None, 400, "give exactly one of"),
+        ("/vqa", {"images": [b64], "question": "why? " * 400}, None, 413, "over the context limit"),
+        ("/vqa", {"images": [b64, b64, b64], "question": "?"}, None, 400, "1 to 2 images"),
+        ("/vqa", {"images": [b64], "question": "   "}, None, 400, "field 'question' is empty"),
+    ]
+    for route, body, raw, code, message in cases:
+        status, payload, _ = post(f"{services}{route}", body, raw=raw)
+        assert status == code and message in payload.get("error", ""), (route, body and str(body)[:80], status, payload)
+    status, payload, _ = post(f"{services}/vqa", {"images": [b64], "question": "?"},
+                              headers={"serve_multiplexed_model_id": "nope"})
+    assert status == 404 and "unknown model 'nope'" in payload["error"]
+
+
+def test_sixteen_concurrent_requests_and_batching_changes_nothing(services, xray):
+    b64 = png_b64(xray)
+    questions = [f"Is there finding number {i} in this image?" for i in range(16)]
+    alone = [post(f"{services}/vqa", {"images": [b64], "question": q})[1]["answer"] for q in questions[:4]]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda q: post(f"{services}/vqa", {"images": [b64], "question": q}), questions))
+    assert [r[0] for r in results] == [200] * 16
+    assert [r[1]["answer"] for r in results[:4]] == alone  # batched answers equal one-by-one answers
+
+
+def test_checkpoints_are_chosen_per_request(services, xray):
+    b64 = png_b64(xray)
+    body = {"images": [b64], "question": "Is the heart enlarged?"}
+    default = post(f"{services}/vqa", body)[1]["answer"]
+    again = post(f"{services}/vqa", body, headers={"serve_multiplexed_model_id": "default"})[1]["answer"]
+    other = post(f"{services}/vqa", body, headers={"serve_multiplexed_model_id": "other"})
+    assert other[0] == 200 and again == default
+    assert other[1]["answer"] != default  # different random weights answer differently
+
+
+def test_dicom_is_read_with_its_photometric_interpretation_and_no_patient_data(services):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from m4cxr.serve.inputs import decode_image
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.PatientName, ds.PatientID = "Doe^Jane", "SECRET-123"
+    ds.Rows, ds.Columns = 64, 64
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME1"  # high values are dark
+    pixels = np.zeros((64, 64), np.uint16)
+    pixels[:, 32:] = 4000
+    ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    image = np.asarray(decode_image(b64, "image"))
+    assert image[:, :32].mean() > 250 and image[:, 32:].mean() < 5  # inverted: MONOCHROME1
+    status, body, _ = post(f"{services}/vqa", {"images": [b64], "question": "Is there a pneumothorax?"})
+    assert status == 200 and "SECRET" not in json.dumps(body) and "Doe" not in json.dumps(body)
+
+
+def test_openai_client_two_turn_chat_with_an_image(services, xray):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{services}/v1", api_key="unused", max_retries=0)
+    image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64(xray)}"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "radiology image:"}, image_part,
+                                             {"type": "text", "text": "Provide a description of the findings."}]}]
+    first = client.chat.completions.create(model="default", messages=messages)
+    report = first.choices[0].message.content
+    assert first.choices[0].message.role == "assistant" and isinstance(report, str)
+    messages += [{"role": "assistant", "content": report},
+                 {"role": "user", "content": "Provide the bounding box coordinate of the region this phrase "
+                                             "describes: the first sentence."}]
+    second = client.chat.completions.create(model="other", messages=messages)
+    assert second.model == "other" and isinstance(second.choices[0].message.content, str)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    with pytest.raises(Exception, match="400"):
+        client.chat.completions.create(model="default", messages=[{"role": "assistant", "content": "hi"}])
+
+
+def test_health_check_fails_when_the_model_cannot_generate(tiny_checkpoints):
+    import asyncio
+
+    from m4cxr.model.checkpoint import load_checkpoint
+    from m4cxr.serve.model_server import probe_generation
+
+    model, _ = load_checkpoint(tiny_checkpoints["default"])
+    model.system_prompt = "You are a radiology assistant."
+    asyncio.run(probe_generation(model))  # healthy
+
+    def lost_device(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    model.generate = lost_device
+    with pytest.raises(RuntimeError, match="unhealthy: the model cannot generate"):
+        asyncio.run(probe_generation(model))
+    model.generate = lambda *a, **k: []
+    with pytest.raises(RuntimeError, match="unhealthy"):
+        asyncio.run(probe_generation(model))
+
+
+def test_over_capacity_gets_503_with_retry_after_and_accepted_requests_finish(services, tiny_checkpoints, xray):
+    from ray import serve
+
+    from m4cxr.serve.apps import build
+
+    app = build("vqa", {"checkpoints": tiny_checkpoints, "max_new_tokens": 24, "max_batch_size": 1,
+                        "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 3})
+    serve.run(app, name="busy", route_prefix="/busy")
+    b64 = png_b64(xray)
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda i: post(f"{services}/busy", {"images": [b64], "question": f"Question {i}?"}),
+                                range(12)))
+    codes = [r[0] for r in results]
+    assert set(codes) == {200, 503}, codes  # some served, the rest shed; nothing else
+    assert all(isinstance(r[1]["answer"], str) for r in results if r[0] == 200)
+    assert all({k.lower(): v for k, v in r[2].items()}.get("retry-after") == "3" for r in results if r[0] == 503), \
+        [r[2] for r in results if r[0] == 503][:1]
+    serve.delete("busy")
