@@ -90,6 +90,7 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
     sweep's winner), print the answers, shut down."""
     import base64
     import json as js
+    import socket
     import urllib.error
     import urllib.request
 
@@ -98,7 +99,15 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
     from m4cxr.data.schema import ImageStore, read_sample_table
     from m4cxr.serve.apps import run_services
 
-    url = run_services(checkpoints, port=exp.serve.port, host=exp.serve.host, max_new_tokens=exp.eval.max_new_tokens)
+    port = exp.serve.port
+    with socket.socket() as probe:  # a busy port (another server) is not worth failing the quickstart for
+        if probe.connect_ex((exp.serve.host, port)) == 0:
+            probe2 = socket.socket()
+            probe2.bind((exp.serve.host, 0))
+            port = probe2.getsockname()[1]
+            probe2.close()
+            print(f"  port {exp.serve.port} is taken; serving on {port}")
+    url = run_services(checkpoints, port=port, host=exp.serve.host, max_new_tokens=exp.eval.max_new_tokens)
     sample = next(r for r in read_sample_table(corpus_dir, "test").to_pylist() if r["task"] == "single_image")
     image = base64.b64encode(ImageStore(corpus_dir).path(sample["images"][0]["image_id"]).read_bytes()).decode()
     chat_model = "sweep-best" if "sweep-best" in checkpoints else "default"
