@@ -2,7 +2,7 @@
 
     results.csv / results.md     one row per trial: status, parameters, objectives, validation loss
     pareto.png                   the objectives pairwise, the Pareto front in red
-    importance.png               Optuna's parameter importances (fANOVA) for the first objective
+    importance.png               Optuna's parameter importances (its default, PED-ANOVA) for the first objective
     parallel_coordinate.png      Optuna's parallel-coordinate plot for the first objective
     best_experiment.yaml         the experiment with the winner's settings, at full training length:
                                  `m4cxr train` and serving take it as it is
@@ -13,6 +13,7 @@ The winner of a multi-objective sweep is the Pareto trial with the best weighted
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +103,22 @@ def optuna_plots(exp: Experiment, rows: list[dict], out: Path) -> dict[str, str]
     objectives = list(exp.tune.objectives)
     directions = ["maximize" if m == "max" else "minimize" for m in exp.tune.objectives.values()]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")  # handled by `sign`
     study = optuna.create_study(directions=directions)
     for r in rows:
         if r["status"] == "completed":
             study.add_trial(optuna.trial.create_trial(params={p: r[p] for p in dists}, distributions=dists,
                                                       values=[r[k] for k in objectives]))
     first = objectives[0]
+    # PED-ANOVA ranks parameters by how they reach LOW target values: flip objectives to maximise
+    sign = -1.0 if exp.tune.objectives[first] == "max" else 1.0
     paths = {}
-    plots = {"parallel_coordinate": ovm.plot_parallel_coordinate, "importance": ovm.plot_param_importances}
-    for name, plot in plots.items():
+    plots = {"parallel_coordinate": (ovm.plot_parallel_coordinate, lambda t: t.values[0], first),
+             "importance": (ovm.plot_param_importances, lambda t: sign * t.values[0],
+                            first if sign > 0 else f"{first} (negated: higher is better)")}
+    for name, (plot, target, target_name) in plots.items():
         try:
-            ax = plot(study, target=lambda t: t.values[0], target_name=first)
+            ax = plot(study, target=target, target_name=target_name)
         except (ValueError, RuntimeError) as err:  # too few completed trials, or no variation
             print(f"sweep: no {name} plot ({err})")
             continue

@@ -18,10 +18,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from m4cxr.config import Experiment, experiment_from_dict, to_dict
@@ -82,19 +84,87 @@ def weighted_objective(exp: Experiment, metrics: dict[str, float]) -> float:
                for k, mode in t.objectives.items())
 
 
+class TrialReportCallback(TuneReportCallback):
+    """Tune's report callback for a trial that a scheduler may stop: once the trial is stopped
+    (its stop file exists) nobody reads Tune's one-item queue any more, so reports are dropped
+    instead of blocking the Train run forever."""
+
+    def __init__(self, stop_file: str):
+        super().__init__()
+        self.stop_file = stop_file
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        from ray.util.queue import Full
+
+        item = dict(metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {}))
+        while not Path(self.stop_file).exists():
+            try:
+                self._training_actor_item_queue.put(item, timeout=1.0)
+                return
+            except Full:
+                continue
+
+
+def watch_for_stop(stop_file: Path) -> None:
+    """When Tune stops this trial (ASHA), write the stop file: the Train workers see it and end,
+    which frees their CPUs or GPUs for the next trial. Tune's stop is an event on the trial's
+    session (the same private session TuneReportCallback uses)."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+
+    def wait() -> None:
+        session.stop_event.wait()
+        stop_file.parent.mkdir(parents=True, exist_ok=True)
+        stop_file.write_text("stopped by the sweep's scheduler\n")
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
+def release_stopped_trials(exp: Experiment) -> int:
+    """Remove the worker placement groups that trials stopped early left behind.
+
+    When ASHA stops a trial, Tune ends the trial's actor, and with it the Train controller, but
+    the placement group of its workers (owned by the sweep's driver) stays reserved on Ray 2.60,
+    so the next trial would wait for it forever. Sweeps that stop trials run one trial at a
+    time, so at the start of a trial any worker-shaped placement group but its own is a leftover.
+    """
+    import ray.util
+    from ray.util.placement_group import PlacementGroup
+
+    own = ray.util.get_current_placement_group()
+    worker = {"CPU": float(exp.train.cpus_per_worker), **({"GPU": 1.0} if exp.train.use_gpu else {})}
+    removed = 0
+    for pg_id, info in ray.util.placement_group_table().items():
+        if info["state"] != "CREATED" or (own is not None and pg_id == own.id.hex()):
+            continue
+        if all({k: float(v) for k, v in b.items()} == worker for b in info["bundles"].values()):
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+            removed += 1
+    if removed:
+        print(f"sweep: released {removed} placement group(s) of trials stopped early")
+    return removed
+
+
 def run_trial(params: dict[str, Any], base: dict, source: str, corpus_dir: str, sweep_dir: str) -> None:
     """One trial, run by Tune: fine-tune with the trial's settings, then measure the objectives."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from m4cxr.train.run import run_stage
 
     exp = trial_experiment(experiment_from_dict(copy.deepcopy(base), source), params)
     exp.train.output_dir = str(Path(sweep_dir) / "trials")
     name = ray.tune.get_context().get_trial_name()
+    stop_file = Path(sweep_dir) / "trials" / name / "STOP"
+    stop_file.unlink(missing_ok=True)  # a resumed trial runs on
+    watch_for_stop(stop_file)
+    if exp.tune.objective == "single" and exp.tune.early_stopping:
+        release_stopped_trials(exp)
     init = exp.tune.init_checkpoint or None
     summary = run_stage(exp, "instruction", corpus_dir, init_checkpoint=init, run_name=name,
-                        callbacks=[TuneReportCallback()])
+                        callbacks=[TrialReportCallback(str(stop_file))], stop_file=str(stop_file))
+    if summary["stopped_early"]:
+        return
     metrics = validation_objectives(exp, summary["checkpoint"], corpus_dir,
                                     Path(summary["run_dir"]) / "validation_predictions.parquet")
     metrics["val_loss"] = float(summary["val_loss_last"])
@@ -174,6 +244,10 @@ def run_sweep(exp: Experiment, name: str | None = None) -> dict:
     from m4cxr.train.run import init_ray
 
     check_objectives(exp)
+    if exp.tune.objective == "single" and exp.tune.early_stopping and exp.tune.max_concurrent_trials > 1:
+        raise ValueError(f"{exp.source}: early stopping (ASHA) runs one trial at a time here; set "
+                         f"tune.max_concurrent_trials=1 (give each trial more workers instead) or "
+                         f"tune.early_stopping=false")
     distributions(exp.tune.space)  # a bad space fails here, before any trial starts
     init_ray()
     name = name or f"{exp.name}-sweep"

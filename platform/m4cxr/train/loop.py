@@ -183,9 +183,19 @@ def train_loop_per_worker(config: dict) -> None:
     core.train()
     started, tokens_real, tokens_padded, first_step = time.time(), 0, 0, step
     metrics: dict = {}
+    stop_file = config.get("stop_file") or ""
+    stopped = False
     for rows in shard.iter_batches(batch_size=rows_per_step, batch_format="numpy", drop_last=True, prefetch_batches=2):
         if step >= stage.training_steps:
             break
+        if stop_file:  # a sweep's scheduler stopped this trial: end here and free the workers
+            flag = torch.tensor([int(Path(stop_file).exists())], device=device)
+            if world > 1:
+                torch.distributed.broadcast(flag, 0)  # every rank leaves at the same step
+            if int(flag.item()):
+                stopped = True
+                say(f"stopped at step {step}: the sweep's scheduler ended this trial")
+                break
         keep = rows["position"] >= position  # a resumed run never repeats the stream
         if not keep.all():
             rows = {k: v[keep] for k, v in rows.items()}
@@ -268,6 +278,8 @@ def train_loop_per_worker(config: dict) -> None:
                 write_marker(config["marker"], position, step)
         elif step % exp.train.log_every == 0:
             ray.train.report(metrics)
+    if stopped:
+        return
     if step < stage.training_steps:
         raise RuntimeError(f"the training stream ended at step {step} of {stage.training_steps}")
     if rank == 0:

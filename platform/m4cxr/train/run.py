@@ -58,10 +58,11 @@ def prepare_tokenizer(exp: Experiment, corpus_dir: str | Path) -> str:
 
 
 def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoint: str | None = None,
-              run_name: str | None = None, inject_failure_at: int = -1, callbacks: list | None = None) -> dict:
+              run_name: str | None = None, inject_failure_at: int = -1, callbacks: list | None = None,
+              stop_file: str | None = None) -> dict:
     """Train one stage; `inject_failure_at` makes the worker fail once at that step (to check
     that a run recovers from its last checkpoint); `callbacks` are Ray Train callbacks (a sweep
-    passes Tune's report callback)."""
+    passes Tune's report callback); the workers end early once `stop_file` exists."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -88,7 +89,8 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
     }
     config = {"experiment": to_dict(exp), "source": exp.source, "stage": stage, "tokenizer_dir": tok_dir,
               "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else "", "marker": marker, "run_dir": str(run_dir),
-              "final_dir": str(run_dir / "final"), "inject_failure_at": inject_failure_at}
+              "final_dir": str(run_dir / "final"), "inject_failure_at": inject_failure_at,
+              "stop_file": str(stop_file or "")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -113,7 +115,8 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
     last = history[-1]
     summary = {
         "stage": stage, "steps": last["step"], "val_loss_first": last["val_loss_first"],
-        "val_loss_last": last["val_loss"], "loss_last": last["loss"],
+        "val_loss_last": last.get("val_loss"), "loss_last": last["loss"],
+        "stopped_early": bool(stop_file) and Path(stop_file).exists(),
         "nonpad_token_share": round(last["nonpad_token_share"], 4), "skipped_samples": last["skipped_samples"],
         "checkpoint": config["final_dir"], "run_dir": str(run_dir), "seconds": round(time.time() - started, 1),
     }
