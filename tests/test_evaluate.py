@@ -1,7 +1,6 @@
 """Evaluation: scoring of predictions, baselines, paper-shaped tables, pictures, CheXbert loading,
 and the Ray Data inference path on a checkpoint."""
 
-import json
 
 import numpy as np
 import pyarrow as pa

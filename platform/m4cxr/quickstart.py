@@ -102,11 +102,12 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
     port = exp.serve.port
     with socket.socket() as probe:  # a busy port (another server) is not worth failing the quickstart for
         if probe.connect_ex((exp.serve.host, port)) == 0:
-            probe2 = socket.socket()
-            probe2.bind((exp.serve.host, 0))
-            port = probe2.getsockname()[1]
-            probe2.close()
-            print(f"  port {exp.serve.port} is taken; serving on {port}")
+            port = 0  # Serve would not pick one: bind a free one below
+    if port == 0:
+        with socket.socket() as free:
+            free.bind((exp.serve.host, 0))
+            port = free.getsockname()[1]
+        print(f"  port {exp.serve.port} is taken; serving on {port}")
     url = run_services(checkpoints, port=port, host=exp.serve.host, max_new_tokens=exp.eval.max_new_tokens)
     sample = next(r for r in read_sample_table(corpus_dir, "test").to_pylist() if r["task"] == "single_image")
     image = base64.b64encode(ImageStore(corpus_dir).path(sample["images"][0]["image_id"]).read_bytes()).decode()

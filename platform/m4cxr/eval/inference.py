@@ -131,7 +131,7 @@ def run_inference(exp: Experiment, checkpoint: str | Path, corpus_dir: str | Pat
                          f"{exp.eval.split} split of {corpus_dir}")
     args = dict(checkpoint=str(Path(checkpoint).resolve()), corpus_dir=str(Path(corpus_dir).resolve()),
                 split=exp.eval.split, max_new_tokens=exp.eval.max_new_tokens, decoding=exp.eval.decoding,
-                use_gpu=exp.eval.use_gpu, seed=exp.eval.bootstrap_seed)
+                use_gpu=exp.eval.use_gpu, seed=exp.train.seed)
     ds = ray.data.from_items(requests).map_batches(
         Predictor, fn_constructor_kwargs=args, batch_size=exp.eval.batch_size,
         compute=ray.data.ActorPoolStrategy(size=exp.eval.actors), num_cpus=exp.eval.cpus_per_actor,

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from m4cxr.data.boxes import iou, parse_box
+from m4cxr.data.boxes import iou, parse_box, to_pixels
 
 CHEXPERT_14 = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
                "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
@@ -115,9 +115,19 @@ def chexpert_scores(generated: Sequence[dict], reference: Sequence[dict]) -> dic
 # ----------------------------------------------------------------------------- grounding and VQA
 
 
-def grounding_scores(answers: Sequence[str], reference_boxes: Sequence[Sequence[float]]) -> dict:
-    """IoU of each answer's first box with the reference (0 when the answer has no valid box)."""
-    ious = np.array([iou(parse_box(a), ref) for a, ref in zip(answers, reference_boxes)], dtype=float)
+def grounding_scores(answers: Sequence[str], reference_boxes: Sequence, frames: Sequence[tuple[int, int]] | None = None,
+                     convention: str = "resize") -> dict:
+    """IoU of each answer's first box with its closest reference box (a sample's reference is a
+    box or a list of boxes); a missing or malformed box scores 0. With `frames` (width, height per
+    sample) the 0-100 answer is mapped to pixels and compared with pixel references."""
+    ious = []
+    for k, (answer, refs) in enumerate(zip(answers, reference_boxes)):
+        box = parse_box(answer)
+        refs = [refs] if refs is not None and len(refs) and isinstance(refs[0], (int, float)) else list(refs or [])
+        if box is not None and frames is not None:
+            box = to_pixels(box, *frames[k], convention)
+        ious.append(max((iou(box, r) for r in refs), default=0.0) if box is not None else 0.0)
+    ious = np.array(ious, dtype=float)
     return {"mIoU": float(ious.mean()) if len(ious) else 0.0,
             "acc@0.5": float((ious >= 0.5).mean()) if len(ious) else 0.0, "iou": ious.tolist()}
 

@@ -17,18 +17,20 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m4cxr.config import Experiment
-from m4cxr.data.boxes import iou, parse_box, to_pixels
-from m4cxr.data.schema import ImageStore, read_sample_table
+from m4cxr.data.boxes import parse_box
+from m4cxr.data.schema import ImageStore, read_sample_table, samples_path
 from m4cxr.data.templates import task_type
-from m4cxr.eval.metrics import bleu4_bootstrap, bootstrap_ci, chexpert_scores, label_matrix, f1_scores, CHEXPERT_14, \
-    nlg_scores, rouge_per_sample, vqa_scores
+from m4cxr.eval.metrics import (
+    CHEXPERT_14, bleu4_bootstrap, bootstrap_ci, chexpert_scores, f1_scores, grounding_scores, label_matrix, nlg_scores,
+    rouge_per_sample, vqa_scores,
+)
 
 CENTRAL_BOX = (25, 25, 75, 75)
 
@@ -93,25 +95,6 @@ def score_reports(hyps: list[str], refs: list[str], hyp_labels: list[dict], ref_
     return out
 
 
-def grounding_ious(answers: Sequence[str], reference_boxes: Sequence[list], sizes: Sequence[tuple[int, int]],
-                   convention: str) -> np.ndarray:
-    """IoU in image pixels of each answer's first box with the closest reference box; an answer
-    without a valid box scores 0."""
-    out = []
-    for answer, refs, (w, h) in zip(answers, reference_boxes, sizes):
-        box = parse_box(answer)
-        out.append(max((iou(to_pixels(box, w, h, convention), r) for r in refs), default=0.0) if box else 0.0)
-    return np.array(out, dtype=float)
-
-
-def summarise_ious(ious: np.ndarray, resamples: int, seed: int) -> dict:
-    n = len(ious)
-    return {"mIoU": float(ious.mean()) if n else 0.0, "acc@0.5": float((ious >= 0.5).mean()) if n else 0.0,
-            "samples": n,
-            "ci": {"mIoU": bootstrap_ci(lambda i: float(ious[i].mean()), n, resamples, seed),
-                   "acc@0.5": bootstrap_ci(lambda i: float((ious[i] >= 0.5).mean()), n, resamples, seed)}}
-
-
 def score_vqa(answers: list[str], references: list[str], resamples: int, seed: int) -> dict:
     scores = vqa_scores(answers, references)
     per = {k: np.array(v) for k, v in scores.pop("per_sample").items()}
@@ -125,12 +108,13 @@ def score_vqa(answers: list[str], references: list[str], resamples: int, seed: i
 # ----------------------------------------------------------------------------- baselines
 
 
-def frequent_findings_baseline(train: pa.Table, labeler) -> tuple[dict[str, int], str]:
+def frequent_findings_baseline(train: pa.Table) -> tuple[dict[str, int], str]:
     """The constant answer that a model ignoring the image would learn: of "No Finding" alone and
-    the 1..4 most frequent findings, the label set with the best mF1-14 on the training reports."""
-    reports = [r for r, t in zip(train.column("report").to_pylist(), train.column("task").to_pylist())
-               if r and task_type(t) == "mrg"][:2000]
-    labels = labeler(reports)
+    the 1..4 most frequent findings, the label set with the best mF1-14 on the training reports'
+    own labels (the record's CheXbert-style labels, which the CoT answers come from)."""
+    labels = [{item["name"]: item["value"] for item in labs}
+              for labs, t in zip(train.column("labels").to_pylist(), train.column("task").to_pylist())
+              if task_type(t) == "mrg"]
     counts = Counter(name for lab in labels for name, v in lab.items() if v == 1 and name != "No Finding")
     candidates = [["No Finding"]] + [[n for n, _ in counts.most_common(k)] for k in range(1, 5)]
     ref = label_matrix(labels, CHEXPERT_14, (1,))
@@ -165,7 +149,14 @@ def score_predictions(exp: Experiment, predictions: pa.Table, corpus_dir: str | 
     kinds = {"mrg": "mrg", "image_understanding": "grounding", "vqa": "vqa"}
     results["datasets"] = {kind: sorted({r["dataset"] for r in rows if kinds[r["task_type"]] == kind})
                            for kind in kinds.values()}
-    train = read_sample_table(corpus_dir, "train")
+    train = pq.read_table(samples_path(corpus_dir, "train"), columns=["task", "labels", "answer"])
+    reference_labels: dict[str, dict] = {}  # by sample id: both CoT modes share their references
+
+    def labels_of_references(ok_rows: list[dict]) -> list[dict]:
+        todo = [r["sample_id"] for r in ok_rows if r["sample_id"] not in reference_labels]
+        for sid, lab in zip(todo, labeler([samples[sid]["report"] or "" for sid in todo])):
+            reference_labels[sid] = lab
+        return [reference_labels[r["sample_id"]] for r in ok_rows]
     for (task, mode), group in sorted(groups.items()):
         errors = [f"{r['sample_id']}: {r['error']}" for r in group if r["error"]]
         ok = [r for r in group if not r["error"]]
@@ -179,7 +170,7 @@ def score_predictions(exp: Experiment, predictions: pa.Table, corpus_dir: str | 
         if kind == "mrg":
             hyps = [r["prediction"] for r in ok]
             refs = [samples[r["sample_id"]]["report"] or "" for r in ok]
-            scores = score_reports(hyps, refs, labeler(hyps), labeler(refs), resamples, seed)
+            scores = score_reports(hyps, refs, labeler(hyps), labels_of_references(ok), resamples, seed)
             if exp.eval.radgraph:
                 scores["RadGraph F1"], why = radgraph_f1(hyps, refs)
                 if why and why not in results["notes"]:
@@ -191,11 +182,16 @@ def score_predictions(exp: Experiment, predictions: pa.Table, corpus_dir: str | 
                 s = samples[r["sample_id"]]
                 refs.append([b["box"] for b in s["boxes"] if b["image_index"] == 0])
                 sizes.append(store.size(s["images"][0]["image_id"]))
-            ious = grounding_ious([r["prediction"] for r in ok], refs, sizes, exp.data.box_convention)
-            results["grounding"][task] = {**summarise_ious(ious, resamples, seed), "iou": ious.tolist(),
-                                          "malformed": sum(parse_box(r["prediction"]) is None for r in ok)}
-            central = grounding_ious(["[25,25,75,75]"] * len(ok), refs, sizes, exp.data.box_convention)
-            results["baselines"][task] = {"mIoU": float(central.mean()), "acc@0.5": float((central >= 0.5).mean()),
+            answers = [r["prediction"] for r in ok]
+            scores = grounding_scores(answers, refs, sizes, exp.data.box_convention)
+            ious = np.array(scores["iou"])
+            scores["samples"] = len(ious)
+            scores["ci"] = {"mIoU": bootstrap_ci(lambda i: float(ious[i].mean()), len(ious), resamples, seed),
+                            "acc@0.5": bootstrap_ci(lambda i: float((ious[i] >= 0.5).mean()), len(ious), resamples, seed)}
+            scores["malformed"] = sum(parse_box(a) is None for a in answers)
+            results["grounding"][task] = scores
+            central = grounding_scores(["[25,25,75,75]"] * len(ok), refs, sizes, exp.data.box_convention)
+            results["baselines"][task] = {"mIoU": central["mIoU"], "acc@0.5": central["acc@0.5"],
                                           "what": "a fixed central box [25,25,75,75]"}
         elif kind == "vqa":
             answers = [r["prediction"] for r in ok]
@@ -207,14 +203,10 @@ def score_predictions(exp: Experiment, predictions: pa.Table, corpus_dir: str | 
             base = vqa_scores([frequent] * len(ok), references)
             results["baselines"][task] = {"accuracy": base["accuracy"], "recall": base["recall"],
                                           "BLEU-1": base["BLEU-1"], "what": f"always {frequent!r}"}
-    constant, names = frequent_findings_baseline(train, labeler) if results["mrg"] else ({}, "")
+    constant, names = frequent_findings_baseline(train) if results["mrg"] else ({}, "")
     for task, by_mode in results["mrg"].items():
-        mode = next(iter(by_mode))
-        refs = [samples[r["sample_id"]]["report"] or "" for r in groups[(task, mode)] if not r["error"]]
-        base = chexpert_scores([constant] * len(refs), labeler(refs))["uncertain_as_negative"]
+        ok = [r for r in groups[(task, next(iter(by_mode)))] if not r["error"]]
+        base = chexpert_scores([constant] * len(ok), labels_of_references(ok))["uncertain_as_negative"]
         results["baselines"][task] = {**base, "what": f"always the most frequent findings: {names}"}
     return results
 
-
-def read_predictions(path: str | Path) -> pa.Table:
-    return pq.read_table(path)

@@ -33,10 +33,7 @@ from m4cxr.serve.prompts import findings_list, grounding_response, grounding_tur
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class MRGService(ModelServer):
-    async def __call__(self, request: Request) -> JSONResponse:
-        return await self.handle(request, self.report)
-
-    async def report(self, model, body: dict) -> dict[str, Any]:
+    async def respond(self, model, body: dict) -> dict[str, Any]:
         req = parse_mrg(body)
         first, second, images = mrg_turns(req, model.system_prompt)
         answer = await self.answer(model, first, images)
@@ -48,10 +45,7 @@ class MRGService(ModelServer):
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class GroundingService(ModelServer):
-    async def __call__(self, request: Request) -> JSONResponse:
-        return await self.handle(request, self.ground)
-
-    async def ground(self, model, body: dict) -> dict[str, Any]:
+    async def respond(self, model, body: dict) -> dict[str, Any]:
         req = parse_grounding(body)
         answer = await self.answer(model, grounding_turns(req, model.system_prompt), [req["image"]])
         return grounding_response(req, answer, model.box_convention)
@@ -59,10 +53,7 @@ class GroundingService(ModelServer):
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class VQAService(ModelServer):
-    async def __call__(self, request: Request) -> JSONResponse:
-        return await self.handle(request, self.vqa)
-
-    async def vqa(self, model, body: dict) -> dict[str, Any]:
+    async def respond(self, model, body: dict) -> dict[str, Any]:
         req = parse_vqa(body)
         return {"answer": await self.answer(model, vqa_turns(req, model.system_prompt), req["images"])}
 

@@ -99,16 +99,19 @@ class ModelServer:
 
     # -- requests
 
-    async def handle(self, request: Request, route) -> JSONResponse:
-        """Parse, route, and turn any RequestError into its 4xx JSON body."""
+    async def __call__(self, request: Request) -> JSONResponse:
+        """Parse, answer with the service's `respond`, and turn any RequestError into its 4xx."""
         try:
             if request.method != "POST":
                 raise RequestError(f"use POST for {request.url.path}", 405)
             body = parse_json(await request.body())
             model = await self.get_model(self.model_id(body))
-            return JSONResponse(await route(model, body))
+            return JSONResponse(await self.respond(model, body))
         except RequestError as err:
             return error_response(err)
+
+    async def respond(self, model, body: dict) -> dict:
+        raise NotImplementedError  # each service answers its own route
 
 
 async def probe_generation(model) -> None:

@@ -12,7 +12,7 @@ Shares and multipliers reshape the pair weights, which the empirical strategy sa
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 
