@@ -4,6 +4,8 @@
     m4cxr mixture show FILE [--strategy d1] [--corpus DIR] [--json]
     m4cxr data synth --out DIR [--patients N] [--seed S] [--config FILE]
     m4cxr data stats DIR [--json]
+    m4cxr data prepare --config FILE --source NAME=PATH [--source ...] --out DIR [--allow-leakage]
+    m4cxr data leakage DIR
     m4cxr data real-organs --coco FILE --images DIR --out DIR
     m4cxr model summary FILE [--json]
     m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 
 from m4cxr.config import (
     ConfigError, Experiment, apply_override, dump_experiment, experiment_from_dict, load_experiment,
@@ -92,9 +95,52 @@ def cmd_data_stats(args) -> int:
     for task, by_split in stats["tasks"].items():
         print(f"  {task:32s}" + "".join(f"{by_split.get(s, 0):>10d}" for s in splits))
     print("  patients: " + ", ".join(f"{k} {v}" for k, v in stats["patients"].items()))
-    leaked = stats["leakage"]["patients_in_several_splits"]
-    print(f"  leakage: {leaked} patient(s) in several splits" + (" (FAIL)" if leaked else " (ok)"))
-    return 1 if leaked else 0
+    return print_leakage(stats["leakage"])
+
+
+def print_leakage(leakage: dict) -> int:
+    """Print the leakage checks; 1 when one fails."""
+    from m4cxr.data.stats import leakage_failures
+
+    failures = leakage_failures(leakage)
+    print(f"  leakage: {leakage['patients_in_several_splits']} patient(s) in several splits, "
+          f"{leakage.get('ms_cxr_test_images_in_training', 0)} MS-CXR test image(s) in training samples"
+          + (" (FAIL)" if failures else " (ok)"))
+    for failure in failures:
+        print(f"  LEAKAGE: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_data_leakage(args) -> int:
+    from m4cxr.data.stats import corpus_stats
+
+    print(f"{args.dir}:")
+    return print_leakage(corpus_stats(args.dir)["leakage"])
+
+
+def cmd_data_prepare(args) -> int:
+    from m4cxr.data.prepare import parse_sources, prepare
+
+    exp = _experiment(args)
+    manifest = prepare(exp, parse_sources(args.source), args.out, seed=args.seed)
+    print(f"{args.out}: {manifest['samples']} samples, {manifest['images']} images, "
+          f"{len(manifest['counts'])} tasks, {len(manifest['pairs'])} task-dataset pairs")
+    for task, by_dataset in manifest["counts"].items():
+        for dataset, by_split in by_dataset.items():
+            print(f"  {task + '/' + dataset:48s}" + "".join(f"{s} {n:<8d}" for s, n in sorted(by_split.items())))
+    skipped = Counter(item["dataset"] for item in manifest["skipped"])
+    print(f"  skipped records: {len(manifest['skipped'])}" +
+          (f" ({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))}; reasons in manifest.json)" if skipped else ""))
+    for dataset, rules in manifest["excluded"].items():
+        print(f"  left out by rules, {dataset}: " + "; ".join(f"{rule}: {n}" for rule, n in rules.items()))
+    for dataset, notes in manifest["notes"].items():
+        for note in notes:
+            print(f"  note, {dataset}: {note}")
+    failed = print_leakage(manifest["leakage"])
+    if failed and args.allow_leakage:
+        print("  (--allow-leakage: the corpus is kept as written)")
+        return 0
+    return failed
 
 
 def cmd_data_real_organs(args) -> int:
@@ -318,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_stats)
+    p = with_set(data.add_parser("prepare", help="a corpus from the public datasets in their official layouts"))
+    p.add_argument("--config", help="experiment file (data.image_size, data.box_convention, data.system_prompt)")
+    p.add_argument("--source", action="append", required=True, metavar="NAME=PATH",
+                   help="a dataset folder (repeatable); NAME as in Table 10 (mimic_cxr, ms_cxr, imagenome, ...) or slake")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-image choices (which region, which box)")
+    p.add_argument("--allow-leakage", action="store_true", help="exit 0 even when a leakage check fails")
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("leakage", help="leakage checks of a corpus: patients in several splits, MS-CXR test images in training")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_data_leakage)
     p = with_set(data.add_parser("real-organs", help="organ-grounding samples from COCO lung boxes"))
     p.add_argument("--coco", required=True)
     p.add_argument("--images", required=True)

@@ -1,10 +1,12 @@
-"""Counts of a corpus and its leakage check (no patient in two splits)."""
+"""Counts of a corpus and its leakage checks: no patient in two splits, and no MS-CXR test image
+in any training sample (the phrase-grounding test set must be unseen)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from m4cxr.data.schema import samples_path
@@ -20,7 +22,12 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
     pairs: dict = defaultdict(lambda: defaultdict(int))
     patients: dict = defaultdict(set)
     total = 0
+    ms_cxr_test: set[str] = set()
+    training_images: set[str] = set()
     for path in files:
+        ms_test, train = ms_cxr_test_and_training_images(path)
+        ms_cxr_test |= ms_test
+        training_images |= train
         table = pq.read_table(path, columns=["task", "dataset", "split", "patient_id"])
         for task, dataset, split, patient in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             tasks[task][split] += 1
@@ -42,8 +49,34 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
         "datasets": as_dict(datasets),
         "pairs": as_dict(pairs),
         "patients": {split: len(ids) for split, ids in sorted(patients.items())},
-        "leakage": {"patients_in_several_splits": len(leaked), "examples": leaked[:10]},
+        "leakage": {"patients_in_several_splits": len(leaked), "examples": leaked[:10],
+                    "ms_cxr_test_images_in_training": len(ms_cxr_test & training_images),
+                    "ms_cxr_examples": sorted(ms_cxr_test & training_images)[:10]},
     }
+
+
+def ms_cxr_test_and_training_images(path: Path) -> tuple[set[str], set[str]]:
+    """The image ids of one samples file's MS-CXR test samples, and those of its training samples."""
+    table = pq.read_table(path, columns=["dataset", "split", "images"])
+    ids = pc.struct_field(pc.list_flatten(table.column("images")), "image_id")
+    parents = pc.list_parent_indices(table.column("images"))
+    dataset, split = (pc.take(table.column(c), parents) for c in ("dataset", "split"))
+    ms_test = pc.and_(pc.equal(dataset, "ms_cxr"), pc.equal(split, "test"))
+    train = pc.equal(split, "train")
+    as_set = lambda mask: set(pc.filter(ids, mask).to_pylist()) if len(ids) else set()  # noqa: E731
+    return as_set(ms_test), as_set(train)
+
+
+def leakage_failures(leakage: dict) -> list[str]:
+    """Human-readable failures of the leakage checks (empty when clean)."""
+    failures = []
+    if leakage["patients_in_several_splits"]:
+        failures.append(f"{leakage['patients_in_several_splits']} patient(s) in several splits, e.g. "
+                        f"{', '.join(leakage['examples'][:5])}")
+    if leakage.get("ms_cxr_test_images_in_training"):
+        failures.append(f"{leakage['ms_cxr_test_images_in_training']} MS-CXR test image(s) in training samples, e.g. "
+                        f"{', '.join(leakage['ms_cxr_examples'][:5])}")
+    return failures
 
 
 def pair_counts(corpus_dir: str | Path, split: str = "train") -> dict[str, int]:

@@ -15,7 +15,6 @@ import io
 import json
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from m4cxr.data.boxes import BOX_PATTERN
@@ -64,28 +63,22 @@ def text_field(body: dict, name: str) -> str:
 
 
 def dicom_image(data: bytes, where: str) -> Image.Image:
-    """A DICOM file's pixels as an 8-bit grey image: modality and VOI LUT applied, MONOCHROME1
-    inverted. Only pixel attributes are read."""
+    """A DICOM file's pixels as an 8-bit grey image (see data/images.py); only pixel attributes
+    are read."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from m4cxr.data.images import dicom_to_image
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, cols = int(ds.Rows), int(ds.Columns)
         if rows * cols > MAX_PIXELS:
             raise RequestError(f"{where}: {cols}x{rows} pixels is over the limit of {MAX_PIXELS:,}", 413)
-        pixels = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+        return dicom_to_image(ds)
     except RequestError:
         raise
     except Exception as err:  # pydicom raises many kinds; the message says which
         raise RequestError(f"{where}: a DICOM file that cannot be read ({type(err).__name__})") from err
-    if pixels.ndim == 3:  # several frames or colour: the first frame, grey
-        pixels = pixels[0] if pixels.shape[-1] not in (3, 4) else pixels[..., :3].mean(-1)
-    lo, hi = float(pixels.min()), float(pixels.max())
-    pixels = (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        pixels = 1.0 - pixels
-    return Image.fromarray((pixels * 255).round().astype(np.uint8), mode="L")
 
 
 def decode_image(value: Any, where: str) -> Image.Image:

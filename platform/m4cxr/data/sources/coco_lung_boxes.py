@@ -17,17 +17,12 @@ from PIL import Image, UnidentifiedImageError
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
 from m4cxr.data.boxes import to_relative
+from m4cxr.data.images import resize_shortest_edge
 from m4cxr.data.schema import ImageStore, Sample, write_manifest, write_samples
 from m4cxr.data.stats import corpus_stats
 from m4cxr.data.templates import render_conversation, task_type
 
 DATASET = "covid_chestxray_lungs"
-
-
-def resize_shortest_edge(image: Image.Image, size: int) -> tuple[Image.Image, float]:
-    scale = size / min(image.size)
-    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(new, Image.BICUBIC), scale
 
 
 def organ_samples(coco_path: str | Path, image_dir: str | Path, store: ImageStore, image_size: int = 518,

@@ -1,0 +1,203 @@
+"""MIMIC-CXR / MIMIC-CXR-JPG: report generation in its three scenarios (DATASETS.md section 1).
+
+The folder holds the JPG release's tables (mimic-cxr-2.0.0-metadata, -split and, optionally,
+-chexpert, as .csv or .csv.gz), the images under files/p<2>/p<subject>/s<study>/<dicom_id>.jpg
+(.dcm for the DICOM release) and the reports beside the study folders,
+files/p<2>/p<subject>/s<study>.txt (also accepted under mimic-cxr-reports/files/).
+
+The paper's rules: FINDINGS only (the official section extraction, then R2Gen cleaning); reports
+without FINDINGS or with FINDINGS under 5 characters are left out; multi-image takes studies of
+2 to 5 images; multi-study pairs each study with the patient's previous study in time
+(StudyDate, StudyTime) when the two have at most 10 images in all. Chain-of-thought answers come
+from the CheXpert label file, or from our rule-based labeler for studies it lacks.
+
+`MimicIndex` (the images, their studies, splits and times) serves every MIMIC-derived dataset:
+MS-CXR, Chest ImaGenome, MIMIC-CXR-VQA, MIMIC-Diff-VQA and RaDialog.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from m4cxr.data.sources.common import (
+    Collector, SourceError, chexpert_value, find_file, read_table, split_name,
+)
+from m4cxr.data.sources.mimic_reports import clean_report, findings_section
+from m4cxr.data.templates import chexbert_labels, cot_candidates, positive_findings
+
+DATASET = "mimic_cxr"
+FRONTAL = ("PA", "AP")
+
+
+def patient_id(subject_id: str) -> str:
+    """One namespace for every MIMIC-derived dataset, so a patient is the same patient in all."""
+    return f"mimic_{subject_id}"
+
+
+def image_id(dicom_id: str) -> str:
+    return f"mimic_{dicom_id}"
+
+
+@dataclass
+class MimicImage:
+    dicom_id: str
+    subject_id: str
+    study_id: str
+    split: str
+    view: str
+    width: int
+    height: int
+    time: str  # sortable "YYYYMMDDHHMMSS.fff"
+
+
+class MimicIndex:
+    """The MIMIC-CXR-JPG metadata and split tables, read once."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        meta = read_table(find_file(self.root, "mimic-cxr-2.0.0-metadata.csv"))
+        split = read_table(find_file(self.root, "mimic-cxr-2.0.0-split.csv"))
+        self.skipped: list[tuple[str, str]] = []
+        splits: dict[str, str] = {}
+        dicom, split_col = split.column("dicom_id"), split.column("split")
+        for row in split.rows:
+            try:
+                splits[row[dicom]] = split_name(row[split_col], f"{split.path} line {row['line']}")
+            except SourceError as err:
+                self.skipped.append((f"{split.path.name} line {row['line']}", str(err)))
+        cols = {k: meta.column(k) for k in ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows",
+                                             "Columns", "StudyDate", "StudyTime")}
+        self.images: dict[str, MimicImage] = {}
+        self.studies: dict[str, list[str]] = defaultdict(list)
+        for row in meta.rows:
+            record = f"{meta.path.name} line {row['line']}"
+            try:
+                d = row[cols["dicom_id"]]
+                if d not in splits:
+                    raise ValueError(f"dicom_id {d!r} is not in the split file")
+                when = f"{int(float(row[cols['StudyDate']])):08d}{float(row[cols['StudyTime']] or 0):010.3f}"
+                image = MimicImage(d, str(int(row[cols["subject_id"]])), str(int(row[cols["study_id"]])), splits[d],
+                                   row[cols["ViewPosition"]].upper(), int(float(row[cols["Columns"]])),
+                                   int(float(row[cols["Rows"]])), when)
+            except (ValueError, KeyError) as err:
+                self.skipped.append((record, f"malformed metadata row: {err}"))
+                continue
+            self.images[d] = image
+            self.studies[image.study_id].append(d)
+
+    def image_path(self, image: MimicImage) -> Path:
+        folder = self.root / "files" / f"p{image.subject_id[:2]}" / f"p{image.subject_id}" / f"s{image.study_id}"
+        jpg = folder / f"{image.dicom_id}.jpg"
+        dcm = folder / f"{image.dicom_id}.dcm"
+        return dcm if not jpg.exists() and dcm.exists() else jpg
+
+    def report_path(self, subject_id: str, study_id: str) -> Path | None:
+        rel = Path("files") / f"p{subject_id[:2]}" / f"p{subject_id}" / f"s{study_id}.txt"
+        for base in (self.root, self.root / "mimic-cxr-reports"):
+            if (base / rel).exists():
+                return base / rel
+        return None
+
+    def register(self, c: Collector, dicom_id: str, split: str | None = None) -> str:
+        """Register a MIMIC image with a collector (any MIMIC-derived dataset); returns its image id."""
+        image = self.images[dicom_id]
+        return c.image(image_id(dicom_id), self.image_path(image), patient=patient_id(image.subject_id),
+                       study=image.study_id, split=split or image.split, view=image.view,
+                       size=(image.width, image.height))
+
+    def study_order(self, dicom_ids: list[str]) -> list[str]:
+        """Frontal views first, then the others; ties by dicom_id."""
+        return sorted(dicom_ids, key=lambda d: (self.images[d].view not in FRONTAL, d))
+
+
+def read_labels(c: Collector) -> dict[str, dict[str, int]]:
+    """study_id -> CheXpert-14 labels from mimic-cxr-2.0.0-chexpert (empty when the file is absent)."""
+    path = find_file(c.root, "mimic-cxr-2.0.0-chexpert.csv", required=False)
+    if path is None:
+        c.note("no mimic-cxr-2.0.0-chexpert file: chain-of-thought labels come from the rule-based labeler")
+        return {}
+    table = read_table(path)
+    study, names = table.column("study_id"), {n: table.column(n) for n in chexbert_labels()}
+    labels = {}
+    for row in table.rows:
+        try:
+            values = {n: chexpert_value(row[col], f"{path.name} line {row['line']}") for n, col in names.items()}
+            labels[str(int(row[study]))] = {n: v for n, v in values.items() if v is not None}
+        except ValueError as err:
+            c.skip(f"{path.name} line {row['line']}", str(err))
+    return labels
+
+
+def read(c: Collector) -> None:
+    from m4cxr.eval.labeler import label_report
+
+    index = c.context.mimic()
+    for record, reason in index.skipped:
+        c.skip(record, reason)
+    file_labels = read_labels(c)
+    candidates, limits = cot_candidates(), c.settings
+    reports: dict[str, tuple[str, dict[str, int]]] = {}  # study -> (cleaned FINDINGS, labels)
+    missing_reports = labelled_here = 0
+    for study, dicoms in sorted(index.studies.items()):
+        subject = index.images[dicoms[0]].subject_id
+        path = index.report_path(subject, study)
+        if path is None:
+            missing_reports += 1
+            c.skip(f"s{study}", f"no report file files/p{subject[:2]}/p{subject}/s{study}.txt")
+            continue
+        findings = findings_section(path.read_text(encoding="utf-8", errors="replace"))
+        if findings is None:
+            c.exclude("report without a FINDINGS section")
+            continue
+        if len(findings) < 5:
+            c.exclude("FINDINGS shorter than 5 characters")
+            continue
+        if study in file_labels:
+            labels = file_labels[study]
+        else:
+            labels = label_report(findings)
+            labelled_here += 1
+        reports[study] = (clean_report(findings), labels)
+    if index.studies and missing_reports == len(index.studies):
+        raise SourceError(f"{c.root}: no report files (files/pXX/pSUBJECT/sSTUDY.txt) for any study; "
+                          "unpack mimic-cxr-reports.zip into this folder")
+    if file_labels and labelled_here:
+        c.note(f"{labelled_here} studies are not in the label file: labelled by the rule-based labeler")
+
+    by_subject: dict[str, list[str]] = defaultdict(list)
+    for study, dicoms in index.studies.items():
+        by_subject[index.images[dicoms[0]].subject_id].append(study)
+    for subject, studies in sorted(by_subject.items()):
+        studies.sort(key=lambda s: (index.images[index.studies[s][0]].time, s))
+        for position, study in enumerate(studies):
+            if study not in reports:
+                continue
+            report, labels = reports[study]
+            dicoms = index.study_order(index.studies[study])
+            ids = [index.register(c, d) for d in dicoms]
+            split = index.images[dicoms[0]].split
+            fields = {"findings": candidates, "positives": positive_findings(labels, candidates), "report": report}
+            common = dict(split=split, patient=patient_id(subject), study=study, labels=labels, report=report)
+            for i in ids:
+                c.add("single_image", {**fields, "images": 1}, [(i, "current")], **common)
+            if 2 <= len(ids) <= limits.max_images_multi_image:
+                c.add("multi_image", {**fields, "images": len(ids)}, [(i, "current") for i in ids], **common)
+            elif len(ids) > limits.max_images_multi_image:
+                c.exclude(f"multi-image: study of more than {limits.max_images_multi_image} images")
+            if position == 0:
+                continue
+            prior = studies[position - 1]
+            if prior not in reports:
+                c.exclude("multi-study: the previous study has no usable FINDINGS")
+                continue
+            prior_dicoms = index.study_order(index.studies[prior])
+            if len(prior_dicoms) + len(dicoms) > limits.max_images_multi_study:
+                c.exclude(f"multi-study: more than {limits.max_images_multi_study} images in the two studies")
+                continue
+            prior_ids = [index.register(c, d) for d in prior_dicoms]
+            c.add("multi_study", {**fields, "prior_images": len(prior_ids), "prior_report": reports[prior][0],
+                                  "follow_up_images": len(ids)},
+                  [(i, "prior") for i in prior_ids] + [(i, "current") for i in ids],
+                  prior_report=reports[prior][0], **common)
