@@ -184,8 +184,8 @@ def ms_cxr(root: Path, leak: bool = False) -> Path:
               "split"]
     path = lambda n, s, st: f"files/p{s[:2]}/p{s}/s{st}/{dicom_id(n)}.jpg"  # noqa: E731
     rows = [
-        [dicom_id(8), "Pleural Effusion", "Left pleural effusion", path(8, "10000001", "50000003"), 40, 50, 16, 20, 64, 80, "train"],
-        [dicom_id(8), "Pleural Effusion", "Left pleural effusion", path(8, "10000001", "50000003"), 30, 60, 10, 10, 64, 80, "train"],
+        [dicom_id(8), "Pleural Effusion", "Left pleural effusion", path(8, "10000001", "50000003"), 32, 40, 16, 20, 64, 80, "train"],
+        [dicom_id(8), "Pleural Effusion", "Left pleural effusion", path(8, "10000001", "50000003"), 16, 20, 16, 20, 64, 80, "train"],
         [dicom_id(14), "Atelectasis", "Right basilar atelectasis", path(14, "10000002", "50000011"), 8, 48, 20, 16, 64, 80, "test"],
         [dicom_id(19), "Cardiomegaly", "Enlarged heart", path(19, "10000003", "50000021"), 20, 30, 30, 30, 64, 80, "val"],
         [dicom_id(19), "Cardiomegaly", "Bad box", path(19, "10000003", "50000021"), 20, 30, -5, 30, 64, 80, "val"],

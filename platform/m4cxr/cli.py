@@ -127,7 +127,7 @@ def cmd_data_prepare(args) -> int:
           f"{len(manifest['counts'])} tasks, {len(manifest['pairs'])} task-dataset pairs")
     for task, by_dataset in manifest["counts"].items():
         for dataset, by_split in by_dataset.items():
-            print(f"  {task + '/' + dataset:48s}" + "".join(f"{s} {n:<8d}" for s, n in sorted(by_split.items())))
+            print(f"  {task + '/' + dataset:48s}" + "  ".join(f"{s} {n}" for s, n in sorted(by_split.items())))
     skipped = Counter(item["dataset"] for item in manifest["skipped"])
     print(f"  skipped records: {len(manifest['skipped'])}" +
           (f" ({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))}; reasons in manifest.json)" if skipped else ""))

@@ -1,0 +1,264 @@
+"""The dataset adapters on tiny copies of each dataset in its official layout (tests/dataset_fixtures.py):
+the samples, boxes and labels each one makes, and the malformed record each one reports."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import dataset_fixtures as F
+from m4cxr.data.boxes import to_relative
+from m4cxr.data.prepare import PrepareContext, run_adapters
+from m4cxr.data.sources import siim as siim_source
+from m4cxr.data.sources.common import Collector, Settings, SourceError
+from m4cxr.data.sources.mimic_reports import clean_report
+from m4cxr.data.templates import count_images
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    sources = F.all_sources(tmp_path_factory.mktemp("datasets"))
+    return sources, {c.dataset: c for c in run_adapters(sources, Settings(image_size=64), progress=False)}
+
+
+def by_task(c, task, split=None):
+    return [s for s in c.samples if s.task == task and (split is None or s.split == split)]
+
+
+def counts(c):
+    return Counter((s.task, s.split) for s in c.samples)
+
+
+# Each fixture plants one malformed record: it is reported with the record's place and why.
+MALFORMED = {
+    "mimic_cxr": ("metadata.csv.gz line 22", "not-a-date"), "ms_cxr": ("line 6", "empty box"),
+    "imagenome": ("train.csv line 5", "no scene graph"), "mimic_cxr_vqa": ("train.json[3]", "question"),
+    "mimic_diff_vqa": ("line 6", "holdout"), "radialog": ("[5]", "human/gpt"),
+    "vindr_cxr": ("annotations_train.csv line 5", "Bogus finding"), "chestx_ray14": ("line 6", "Bogus"),
+    "chestx_det10": ("train.json[2]", "1 syms but 0 boxes"), "jsrt": ("CLNDAT_EN.txt line 3", "abc"),
+    "siim": ("train-rle.csv line 5", "odd number"), "rsna": ("line 6", "Target 'x'"),
+    "covid19_radiography": ("Lung_Opacity-1.png", "no mask"), "covid_qu_ex": ("covid_9.png", "no infection mask"),
+    "qata_cov19": ("covid_12.png", "no mask"), "brax": ("line 4", "'2'"), "chexpert": ("train.csv line 4", "'yes'"),
+    "slake": ("test.json[5]", "missing"),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(MALFORMED))
+def test_every_adapter_reports_its_malformed_record(collected, dataset):
+    _, by_name = collected
+    where, why = MALFORMED[dataset]
+    skipped = by_name[dataset].skipped
+    assert len(skipped) == 1, skipped
+    assert where in skipped[0]["record"] and why in skipped[0]["reason"], skipped[0]
+    assert by_name[dataset].samples, "the good records still make samples"
+
+
+def test_mimic_cxr_scenarios_rules_and_time_order(collected):
+    c = collected[1]["mimic_cxr"]
+    assert counts(c) == {("single_image", "train"): 13, ("multi_image", "train"): 2, ("multi_study", "train"): 1,
+                         ("single_image", "test"): 4, ("multi_image", "test"): 2, ("multi_study", "test"): 1,
+                         ("single_image", "validate"): 1}
+    assert c.excluded == {"report without a FINDINGS section": 1, "FINDINGS shorter than 5 characters": 1,
+                          "multi-image: study of more than 5 images": 1,
+                          "multi-study: more than 10 images in the two studies": 1,
+                          "multi-study: the previous study has no usable FINDINGS": 2}
+    # Two studies on one day: StudyTime 80556.875 (08:05) comes before 134500.0 (13:45).
+    train_pair = by_task(c, "multi_study", "train")[0]
+    assert [i["role"] for i in train_pair.images] == ["prior"] * 2 + ["current"] * 5
+    assert train_pair.images[0]["image_id"] == f"mimic_{F.dicom_id(1)}"
+    assert train_pair.report == "small left pleural effusion is unchanged . no pneumothorax ."
+    # Study ids are random: 50000013 (January) is the prior of 50000011 (March).
+    test_pair = by_task(c, "multi_study", "test")[0]
+    assert test_pair.study_id == "50000011"
+    assert test_pair.prior_report == clean_report("There is mild pulmonary edema. Right basilar atelectasis.")
+    assert count_images(test_pair.turns) == 4
+    # Chain-of-thought answers: the label file (uncertain counts as absent), else the labeler.
+    answers = {s.study_id: s.turns[2]["content"] for s in by_task(c, "single_image")}
+    assert answers["50000001"] == "Pleural Effusion."
+    assert answers["50000011"] == "Edema."  # Atelectasis is -1 in the file
+    assert answers["50000013"] == "Edema, Atelectasis."  # not in the file: the labeler
+    assert answers["50000022"] == "Not found."
+    multi = by_task(c, "multi_image", "train")
+    assert all(s.images[0]["image_id"] in {f"mimic_{F.dicom_id(1)}", f"mimic_{F.dicom_id(3)}"} for s in multi)
+    assert [i["image_id"][6:14] for i in multi[1].images] == ["00000003", "00000005", "00000004", "00000006", "00000007"]
+    assert {s.patient_id for s in c.samples} == {"mimic_10000001", "mimic_10000002", "mimic_10000003"}
+
+
+def test_ms_cxr_phrases_with_several_boxes(collected):
+    c = collected[1]["ms_cxr"]
+    train = by_task(c, "phrase_grounding", "train")[0]
+    assert train.turns[-1]["content"] == "[25,25,50,50], [50,50,75,75]"  # 64 x 80 image, two boxes
+    assert [b["box"] for b in train.boxes] == [[16, 20, 32, 40], [32, 40, 48, 60]]
+    generation = by_task(c, "grounded_phrase_generation", "train")[0]
+    assert "[25,25,75,75]" in generation.turns[1]["content"] and generation.answer == "Left pleural effusion"
+    assert {s.split for s in c.samples} == {"train", "validate", "test"}
+    assert by_task(c, "phrase_grounding", "test")[0].patient_id == "mimic_10000002"
+
+
+def test_imagenome_regions_are_clamped_and_limited_to_the_29(collected):
+    c = collected[1]["imagenome"]
+    expected = {"right lung": [4, 10, 30, 70], "left lung": [34, 10, 62, 70], "cardiac silhouette": [20, 40, 44, 70],
+                "trachea": [0, 0, 40, 20]}
+    for task in ("anatomical_region_grounding", "grounded_anatomical_region"):
+        for s in by_task(c, task):
+            assert s.boxes[0]["box"] == expected[s.boxes[0]["label"]]
+    phrases = {"small left pleural effusion": "left lung", "heart size is normal": "cardiac silhouette"}
+    for s in by_task(c, "phrase_grounding"):
+        assert s.boxes[0]["box"] == expected[phrases[s.boxes[0]["label"]]]
+    assert c.excluded == {"gold-standard image (images_to_avoid.csv)": 1}
+    assert Counter(s.split for s in by_task(c, "phrase_grounding")) == {"train": 2, "validate": 1, "test": 1}
+
+
+def test_vqa_datasets(collected):
+    _, by_name = collected
+    vqa = by_name["mimic_cxr_vqa"]
+    assert sorted(s.answer for s in by_task(vqa, "vqa", "train")) == ["lung opacity, pleural effusion", "yes"]
+    assert vqa.excluded == {"question without an answer": 1}
+    diff = by_name["mimic_diff_vqa"]
+    pair = by_task(diff, "difference_vqa", "train")[0]
+    assert [(i["image_id"], i["role"]) for i in pair.images] == [(f"mimic_{F.dicom_id(1)}", "reference"),
+                                                                  (f"mimic_{F.dicom_id(3)}", "main")]
+    assert by_task(diff, "vqa", "validate")[0].answer == "PA view"
+    radialog = by_name["radialog"]
+    assert radialog.excluded == {"report generation (task RG)": 1, "image not from MIMIC-CXR": 1}
+    multi_turn = [s for s in radialog.samples if len(s.turns) == 5][0]
+    assert [t["content"] for t in multi_turn.turns[3:]] == ["Which side?", "The left side."]
+    assert all(count_images(s.turns) == 1 for s in radialog.samples)
+    assert by_task(radialog, "visual_instruction_following", "test")  # the MIMIC split of its image
+    slake = by_name["slake"]
+    assert [(s.answer, s.split) for s in slake.samples] == [("Yes", "test"), ("No", "test")]
+    assert slake.excluded == {"not English": 1, "not an X-ray": 1, "open-ended question": 1}
+
+
+def test_vindr_merges_overlapping_boxes_and_takes_the_majority_label(collected):
+    c = collected[1]["vindr_cxr"]
+    v1 = f"vindr_cxr_{'a' * 32}"
+    detection = [s for s in by_task(c, "abnormality_detection") if s.images[0]["image_id"] == v1][0]
+    assert sorted((b["label"], b["box"]) for b in detection.boxes) == [
+        ("Aortic enlargement", [50, 30, 60, 45]), ("Cardiomegaly", [30, 60, 72, 92])]  # two readers' boxes merged
+    labels = [s for s in by_task(c, "disease_classification") if s.images[0]["image_id"] == v1][0].labels
+    assert labels["Cardiomegaly"] == 1 and labels["Aortic enlargement"] == 1 and labels["COPD"] == 0  # 2 of 3, 1 of 3
+    test_labels = by_task(c, "disease_classification", "test")[0]
+    assert test_labels.labels["Lung tumor"] == 1 and "Other disease" in test_labels.labels
+    normal = [s for s in by_task(c, "multi_finding_grounding") if s.images[0]["image_id"] == f"vindr_cxr_{'b' * 32}"]
+    assert normal[0].answer == "Not found."
+
+
+def test_chestx_ray14_boxes_and_negatives(collected):
+    c = collected[1]["chestx_ray14"]
+    multi = {s.images[0]["image_id"]: s for s in by_task(c, "multi_finding_grounding")}
+    assert multi["chestx_ray14_00000001_000"].answer == "Cardiomegaly [31,47,94,78], Effusion [62,78,88,94]."
+    assert multi["chestx_ray14_00000002_000"].answer == "Not found."
+    assert "chestx_ray14_00000004_000" not in multi  # Mass has no box
+    grounding = {s.images[0]["image_id"]: s for s in by_task(c, "finding_grounding")}
+    assert grounding["chestx_ray14_00000004_000"].boxes[0]["label"] == "Infiltration"  # "Infiltrate" in the box list
+    assert grounding["chestx_ray14_00000003_000"].split == "test"
+    labels = {s.images[0]["image_id"]: s.labels for s in by_task(c, "disease_classification")}
+    assert labels["chestx_ray14_00000004_000"]["Mass"] == 1 and labels["chestx_ray14_00000004_000"]["Edema"] == 0
+
+
+def test_chestx_det10(collected):
+    c = collected[1]["chestx_det10"]
+    detection = by_task(c, "abnormality_detection", "train")[0]
+    assert [(b["label"], b["box"]) for b in detection.boxes] == [("Nodule", [10, 12, 18, 20]), ("Effusion", [40, 50, 60, 62])]
+    assert by_task(c, "disease_classification", "test")[0].labels["Fracture"] == 1
+
+
+def test_jsrt_circles_become_boxes(collected):
+    c = collected[1]["jsrt"]
+    boxes = {s.images[0]["image_id"]: s.boxes[0]["box"] for s in by_task(c, "abnormality_detection")}
+    radius = 14 / 0.175 / 2  # 14 mm at 0.175 mm per pixel
+    assert boxes["jsrt_JPCLN001"] == [1634 - radius, 692 - radius, 1634 + radius, 692 + radius]
+    normal = [s for s in by_task(c, "finding_grounding") if s.images[0]["image_id"] == "jsrt_JPCNN001"][0]
+    assert normal.answer == "Not found."
+
+
+def test_siim_rle_masks_become_boxes(collected):
+    c = collected[1]["siim"]
+    detection = by_task(c, "abnormality_detection")[0]
+    assert [b["box"] for b in detection.boxes] == [list(map(float, b)) for b in F.SIIM_BOXES]
+    assert {s.labels.get("Pneumothorax") for s in by_task(c, "disease_classification")} == {0, 1}
+
+
+def test_siim_rle_decoding_both_variants():
+    mask = np.zeros((6, 5), dtype=bool)  # height 6, width 5
+    mask[1:3, 2] = True
+    mask[4, 0:2] = True
+    relative = siim_source.runs(F.relative_rle(mask))
+    assert not siim_source.is_absolute(relative) or len(relative) == 1
+    assert (siim_source.decode(relative, 5, 6, absolute=False) == mask).all()
+    flat = np.flatnonzero(mask.T.flatten())  # absolute, 1-based runs of the same mask
+    starts = [int(i) + 1 for i in flat if i == 0 or i - 1 not in flat]
+    absolute = [(s, sum(1 for k in range(s - 1, 30) if k in flat and all(j in flat for j in range(s - 1, k + 1))))
+                for s in starts]
+    assert siim_source.is_absolute(absolute)
+    assert (siim_source.decode(absolute, 5, 6, absolute=True) == mask).all()
+    with pytest.raises(ValueError, match="outside"):
+        siim_source.decode([(29, 5)], 5, 6, absolute=True)
+
+
+def test_rsna_keeps_lung_opacity_and_normal(collected):
+    c = collected[1]["rsna"]
+    assert c.excluded == {"class 'No Lung Opacity / Not Normal' (only Lung Opacity and Normal are used)": 1}
+    detection = by_task(c, "abnormality_detection")[0]
+    assert detection.answer == f"[{16},{31},{39},{70}], [{62},{34},{84},{66}]"
+    assert {b["label"] for b in detection.boxes} == {"Pneumonia"}
+    normal = [s for s in by_task(c, "finding_grounding") if s.images[0]["image_id"] == "rsna_r2"][0]
+    assert normal.answer == "Not found."
+
+
+def test_covid19_radiography_lungs_and_the_region_rule(collected):
+    c = collected[1]["covid19_radiography"]
+    assert c.excluded == {"lung mask of more than 3 regions": 1}
+    assert "covid19_radiography_Viral_Pneumonia-1" not in {s.images[0]["image_id"] for s in c.samples}
+    organs = {s.boxes[0]["label"]: s.boxes[0]["box"] for s in c.samples
+              if s.task.endswith("organ") and s.images[0]["image_id"] == "covid19_radiography_COVID-1"}
+    expected = {"right lung": [6, 6, 21, 42], "left lung": [27, 6, 42, 42]}  # the 32 px mask scaled to 48 px
+    assert organs and all(expected[name] == box for name, box in organs.items())
+    labels = {s.images[0]["image_id"]: s.answer for s in by_task(c, "disease_classification")}
+    assert labels["covid19_radiography_COVID-1"] == "COVID-19."
+    assert labels["covid19_radiography_Normal-1"] == "Not found."
+
+
+def test_covid_qu_ex_and_qata_overlap(collected):
+    _, by_name = collected
+    qu = by_name["covid_qu_ex"]
+    detection = by_task(qu, "abnormality_detection", "train")[0]
+    assert detection.boxes[0]["box"] == [20, 30, 32, 44]
+    assert {s.split for s in qu.samples} == {"train", "validate", "test"}
+    qata = by_name["qata_cov19"]
+    assert qata.excluded == {"also in COVID-QU-Ex": 1}  # covid_13 is covid_1 at another size
+    assert {s.images[0]["image_id"] for s in qata.samples} == {"qata_cov19_covid_10", "qata_cov19_covid_11"}
+    assert by_task(qata, "abnormality_detection", "train")[0].boxes[0]["box"] == [30, 30, 50, 50]
+
+
+def test_brax_and_chexpert_labels(collected):
+    _, by_name = collected
+    brax = {s.patient_id: s for s in by_name["brax"].samples}
+    assert brax["brax_P1"].answer == "Cardiomegaly."  # Edema is uncertain: absent
+    assert by_name["brax"].images["brax_Study_2_Series_2_image-2"].path.endswith(".dcm")  # no PNG: the DICOM
+    chexpert = {s.patient_id: s for s in by_name["chexpert"].samples}
+    assert chexpert["chexpert_patient00001"].answer == "Cardiomegaly."
+    assert chexpert["chexpert_patient64541"].split == "validate"
+
+
+def test_missing_layouts_and_sources_are_named(tmp_path):
+    with pytest.raises(SourceError, match="MS_CXR_Local_Alignment"):
+        from m4cxr.data.sources import ms_cxr
+
+        ms_cxr.read(Collector("ms_cxr", tmp_path, context=PrepareContext({})))
+    F.ms_cxr(tmp_path)
+    with pytest.raises(SourceError, match="--source mimic_cxr=PATH"):
+        ms_cxr.read(Collector("ms_cxr", tmp_path, context=PrepareContext({})))
+    (tmp_path / "chexpert").mkdir()
+    from m4cxr.data.sources import chexpert
+    with pytest.raises(SourceError, match=r"train\.csv"):
+        chexpert.read(Collector("chexpert", tmp_path / "chexpert"))
+
+
+def test_relative_boxes_use_the_original_size(collected):
+    _, by_name = collected
+    c = by_name["covid_qu_ex"]
+    sample = by_task(c, "grounded_finding", "train")[0]
+    assert list(to_relative(sample.boxes[0]["box"], 64, 64)) == [31, 47, 50, 69]
+    assert "[31,47,50,69]" in sample.turns[1]["content"]
