@@ -1,0 +1,116 @@
+"""`m4cxr data prepare` over every dataset's fixture at once: all 50 task-dataset pairs of Table 10
+and the test sets, images resized once on Ray Data with their boxes, the manifest, and the leakage
+checks (clean, and failing loudly on planted leaks)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import dataset_fixtures as F
+from m4cxr.cli import main
+from m4cxr.config import MixtureConfig
+from m4cxr.data.mixture import build_mixture, paper_pairs
+from m4cxr.data.schema import read_samples
+from m4cxr.data.stats import pair_counts
+
+SIZE = 32  # shortest edge of the stored images: MIMIC's 64 x 80 fixtures are halved
+
+
+def prepare_args(sources: dict, out: Path) -> list[str]:
+    args = ["data", "prepare", "--config", "experiments/quickstart.yaml", "--set", f"data.image_size={SIZE}",
+            "--out", str(out)]
+    for name, path in sources.items():
+        args += ["--source", f"{name}={path}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepare")
+    sources = F.all_sources(root / "datasets")
+    code = main(prepare_args(sources, root / "corpus"))
+    return code, root / "corpus", json.loads((root / "corpus" / "manifest.json").read_text())
+
+
+def test_prepare_yields_every_pair_of_table_10_and_the_test_sets(prepared):
+    code, corpus, manifest = prepared
+    assert code == 0
+    train = pair_counts(corpus, "train")
+    missing = [p.key for p in paper_pairs() if train.get(p.key, 0) == 0]
+    assert missing == []
+    mixture = build_mixture(MixtureConfig(on_missing_pair="error"), train)  # trainable as the paper's mixture
+    assert len(mixture.pairs) == 50
+    counts = manifest["counts"]
+    for task, dataset in [("single_image", "mimic_cxr"), ("multi_image", "mimic_cxr"), ("multi_study", "mimic_cxr"),
+                          ("phrase_grounding", "ms_cxr"), ("vqa", "mimic_cxr_vqa"), ("vqa", "slake")]:
+        assert counts[task][dataset].get("test", 0) > 0, (task, dataset)
+    assert counts["vqa"]["slake"] == {"test": 2}
+
+
+def test_manifest_reports_skipped_records_rules_and_leakage(prepared):
+    _, _, manifest = prepared
+    assert len(manifest["skipped"]) == 18  # one planted malformed record per dataset
+    assert all(set(item) == {"dataset", "record", "reason"} for item in manifest["skipped"])
+    assert manifest["excluded"]["mimic_cxr"]["training sample with an MS-CXR image"] == 1  # the paper's rule
+    assert manifest["excluded"]["qata_cov19"] == {"also in COVID-QU-Ex": 1}
+    assert manifest["leakage"]["patients_in_several_splits"] == 0
+    assert manifest["leakage"]["ms_cxr_test_images_in_training"] == 0
+
+
+def test_images_are_stored_once_resized_with_their_boxes(prepared):
+    _, corpus, _ = prepared
+    index = {r["image_id"]: r for r in pq.read_table(corpus / "images.parquet").to_pylist()}
+    samples = read_samples(corpus)
+    used = {i["image_id"] for s in samples for i in s.images}
+    assert used == set(index)  # every image used is stored, once
+    assert all(min(r["width"], r["height"]) == SIZE for r in index.values())
+    mimic = index[f"mimic_{F.dicom_id(8)}"]
+    assert (mimic["width"], mimic["height"]) == (32, 40)
+    phrase = [s for s in samples if s.task == "phrase_grounding" and s.dataset == "ms_cxr" and s.split == "train"][0]
+    assert [b["box"] for b in phrase.boxes] == [[8, 10, 16, 20], [16, 20, 24, 30]]  # halved with the image
+    jsrt = [s for s in samples if s.task == "abnormality_detection" and s.dataset == "jsrt"]
+    assert all(0 <= v <= SIZE for s in jsrt for b in s.boxes for v in b["box"])
+
+
+def test_dicom_is_read_with_its_photometric_interpretation_and_no_patient_tag_is_kept(prepared):
+    _, corpus, _ = prepared
+    for path in corpus.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert F.PATIENT_NAME.encode() not in data and F.PATIENT_TAG_ID.encode() not in data, path
+    stored = np.asarray(Image.open(corpus / "images" / f"vindr_cxr_{'a' * 32}.png"), dtype=float)
+    original = np.asarray(Image.fromarray(F.picture((96, 128), seed=1)).resize(stored.shape[::-1]), dtype=float)
+    assert np.corrcoef(stored.ravel(), original.ravel())[0, 1] > 0.9  # MONOCHROME1 inverted back
+
+
+def test_leakage_command_on_a_clean_corpus(prepared, capsys):
+    _, corpus, _ = prepared
+    assert main(["data", "leakage", str(corpus)]) == 0
+    assert "(ok)" in capsys.readouterr().out
+
+
+def test_planted_leaks_fail_loudly(ray_local, tmp_path, capsys):
+    sources = F.all_sources(tmp_path / "datasets", leak=True)
+    code = main(prepare_args(sources, tmp_path / "corpus"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "LEAKAGE" in err and "mimic_10000001" in err and f"mimic_{F.dicom_id(14)}" in err
+    leakage = json.loads((tmp_path / "corpus" / "manifest.json").read_text())["leakage"]
+    # MIMIC patient 10000001 has a study in train and one in test; the MS-CXR phrase put in training
+    # brings test patient 10000002 into train too.
+    assert leakage["patients_in_several_splits"] == 2
+    assert leakage["examples"] == ["mimic_10000001", "mimic_10000002"]
+    assert leakage["ms_cxr_test_images_in_training"] == 1  # one MS-CXR phrase of a test image in training
+    assert main(["data", "leakage", str(tmp_path / "corpus")]) == 1
+    assert main(prepare_args(sources, tmp_path / "corpus2") + ["--allow-leakage"]) == 0
+
+
+def test_bad_source_arguments_are_named(capsys):
+    assert main(["data", "prepare", "--source", "mimic=/nowhere", "--out", "x"]) == 2
+    assert "unknown dataset 'mimic'" in capsys.readouterr().err
+    assert main(["data", "prepare", "--source", "slake=/nowhere", "--out", "x"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
