@@ -107,6 +107,7 @@ def dicom_id(n: int) -> str:
 
 
 MIMIC_SIZE = (64, 80)  # width, height of every MIMIC fixture image
+MIMIC_DICOM = 20  # this image is a .dcm (the DICOM release), the others .jpg
 # subject -> [(study, date, time, [(image number, view)], findings or None (no FINDINGS), split)]
 MIMIC_STUDIES = {
     "10000001": [  # train; two studies on one day: StudyTime orders them (8:05 before 13:45)
@@ -156,7 +157,10 @@ def mimic_cxr(root: Path, leak: bool = False) -> Path:
             (folder).mkdir(parents=True, exist_ok=True)
             (folder / f"s{study}.txt").write_text(report_text(findings))
             for n, view in images:
-                write_jpg(folder / f"s{study}" / f"{dicom_id(n)}.jpg", MIMIC_SIZE, seed=n)
+                if n == MIMIC_DICOM:  # the DICOM release's file where there is no JPG
+                    write_dicom(folder / f"s{study}" / f"{dicom_id(n)}.dcm", MIMIC_SIZE, seed=n)
+                else:
+                    write_jpg(folder / f"s{study}" / f"{dicom_id(n)}.jpg", MIMIC_SIZE, seed=n)
                 meta.append([dicom_id(n), subject, study, "CHEST (PA AND LAT)", view, MIMIC_SIZE[1], MIMIC_SIZE[0],
                              date, time, "CHEST", "", "Erect"])
                 image_split = "test" if leak and study == "50000003" else split

@@ -82,6 +82,7 @@ def test_mimic_cxr_scenarios_rules_and_time_order(collected):
     assert all(s.images[0]["image_id"] in {f"mimic_{F.dicom_id(1)}", f"mimic_{F.dicom_id(3)}"} for s in multi)
     assert [i["image_id"][6:14] for i in multi[1].images] == ["00000003", "00000005", "00000004", "00000006", "00000007"]
     assert {s.patient_id for s in c.samples} == {"mimic_10000001", "mimic_10000002", "mimic_10000003"}
+    assert c.images[f"mimic_{F.dicom_id(F.MIMIC_DICOM)}"].path.endswith(".dcm")  # no JPG: the DICOM release
 
 
 def test_ms_cxr_phrases_with_several_boxes(collected):
