@@ -474,6 +474,9 @@ def brax(root: Path) -> Path:
     return root
 
 
+CORRUPT_JPEG = "CheXpert-v1.0-small/train/patient00004/study1/view1_frontal.jpg"
+
+
 def chexpert(root: Path) -> Path:
     base = root / "CheXpert-v1.0-small"
     header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + [
@@ -488,7 +491,9 @@ def chexpert(root: Path) -> Path:
         row("train", "patient00001", "study1", "view1_frontal", {"Cardiomegaly": "1.0", "Edema": "-1.0"}),
         row("train", "patient00002", "study1", "view1_frontal", {"No Finding": "1.0"}),
         row("train", "patient00003", "study1", "view1_frontal", {"Edema": "yes"}),  # malformed
+        row("train", "patient00004", "study1", "view1_frontal", {"Edema": "1.0"}),  # its JPEG is corrupt
     ])
+    (root / CORRUPT_JPEG).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     write_csv(base / "valid.csv", header, [
         row("valid", "patient64541", "study1", "view1_frontal", {"Pleural Effusion": "1.0"})])
     return base

@@ -53,8 +53,12 @@ def test_prepare_yields_every_pair_of_table_10_and_the_test_sets(prepared):
 
 def test_manifest_reports_skipped_records_rules_and_leakage(prepared):
     _, _, manifest = prepared
-    assert len(manifest["skipped"]) == 18  # one planted malformed record per dataset
+    # One planted malformed record per dataset, and a corrupt JPEG found when it is resized.
+    assert len(manifest["skipped"]) == 19
     assert all(set(item) == {"dataset", "record", "reason"} for item in manifest["skipped"])
+    corrupt = [item for item in manifest["skipped"] if item["record"].endswith(F.CORRUPT_JPEG)]
+    assert len(corrupt) == 1 and "unreadable image" in corrupt[0]["reason"]
+    assert manifest["samples_lost_to_unreadable_images"] == {"chexpert": 1}
     assert manifest["excluded"]["mimic_cxr"]["training sample with an MS-CXR image"] == 1  # the paper's rule
     assert manifest["excluded"]["qata_cov19"] == {"also in COVID-QU-Ex": 1}
     assert manifest["leakage"]["patients_in_several_splits"] == 0

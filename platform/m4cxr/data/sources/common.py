@@ -104,8 +104,6 @@ def read_table(path: Path, sep: str = ",", names: Sequence[str] | None = None) -
                 continue
             row = {h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header) if h}
             row["line"] = str(line)
-            if len(values) < len([h for h in header if h]):
-                row["_short"] = "1"
             rows.append(row)
     return Table(path, header, rows)
 
