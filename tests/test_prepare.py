@@ -65,6 +65,13 @@ def test_manifest_reports_skipped_records_rules_and_leakage(prepared):
     assert manifest["leakage"]["ms_cxr_test_images_in_training"] == 0
 
 
+def test_boxes_preview_shows_every_dataset_with_boxes(prepared):
+    _, corpus, manifest = prepared
+    assert manifest["boxes_preview"] == "boxes_preview.png"
+    with Image.open(corpus / "boxes_preview.png") as im:
+        assert im.width >= 1000 and im.height >= 900  # 4 columns, 3 rows: the 11 datasets with boxes
+
+
 def test_images_are_stored_once_resized_with_their_boxes(prepared):
     _, corpus, _ = prepared
     index = {r["image_id"]: r for r in pq.read_table(corpus / "images.parquet").to_pylist()}

@@ -9,7 +9,8 @@
 3. Every image used is resized once (shortest edge to data.image_size) into the image store, in
    parallel on Ray Data; DICOM through pydicom, patient tags never read. Boxes follow the resize.
 4. Samples, the image index and manifest.json are written: counts (task -> dataset -> split),
-   skipped records with their reasons, records left out by each rule, and the leakage checks.
+   skipped records with their reasons, records left out by each rule, and the leakage checks;
+   boxes_preview.png shows one sample's boxes per dataset on its stored image.
 """
 
 from __future__ import annotations
@@ -201,6 +202,10 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
         "source": {"kind": "prepare", "sources": {k: str(v) for k, v in sources.items()}, "seed": seed,
                    "image_size": settings.image_size, "box_convention": settings.box_convention},
     })
+    from m4cxr.eval.pictures import boxes_preview
+
+    preview = boxes_preview(out, out / "boxes_preview.png")
+    manifest["boxes_preview"] = preview.name if preview else None
     write_manifest(out, manifest)
     if progress:
         print(f"prepare: wrote {len(samples)} samples and {len(store.index)} images to {out} "

@@ -84,3 +84,35 @@ def write_report_page(out_dir: str | Path, tables_md: str, overlays: list[Path],
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def boxes_preview(corpus_dir: str | Path, path: str | Path, per_dataset: int = 1) -> Path | None:
+    """A grid of stored images with their sample boxes (yellow) and labels, one tile per dataset
+    that has boxes: a quick look that each dataset's boxes land where they should."""
+    store = ImageStore(corpus_dir)
+    table = read_sample_table(corpus_dir)
+    chosen: dict[str, list[dict]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: -len(r["boxes"] or [])):
+        if row["boxes"] and len(chosen.setdefault(row["dataset"], [])) < per_dataset:
+            chosen[row["dataset"]].append(row)
+    tiles = [r for rows in chosen.values() for r in rows]
+    if not tiles:
+        return None
+    cols = min(4, len(tiles))
+    rows_n = (len(tiles) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3 * cols, 3.3 * rows_n), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, row in zip(axes.ravel(), tiles):
+        image_id = row["images"][row["boxes"][0]["image_index"]]["image_id"]
+        with store.load(image_id) as im:
+            ax.imshow(im.convert("L"), cmap="gray")
+        for b in row["boxes"]:
+            x1, y1, x2, y2 = b["box"]
+            ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=1.5))
+            ax.text(x1, y1, textwrap.shorten(b["label"], 24), color="yellow", fontsize=6, va="bottom")
+        ax.set_title(f"{row['dataset']}\n{row['task']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
