@@ -125,3 +125,32 @@ def test_bad_source_arguments_are_named(capsys):
     assert "unknown dataset 'mimic'" in capsys.readouterr().err
     assert main(["data", "prepare", "--source", "slake=/nowhere", "--out", "x"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_the_paper_test_sets_are_evaluated_from_a_prepared_corpus(prepared):
+    import pyarrow as pa
+
+    from m4cxr.config import load_experiment
+    from m4cxr.data.schema import samples_path
+    from m4cxr.eval.inference import PREDICTION_SCHEMA, eval_requests
+    from m4cxr.eval.scoring import score_predictions
+    from m4cxr.eval.tables import render_tables
+
+    _, corpus, _ = prepared
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "experiments/m4cxr.yaml")
+    table = pq.read_table(samples_path(corpus, "test"))
+    chosen = table.take([r["row"] for r in eval_requests(exp, corpus)]).to_pylist()
+    assert {(s["task"], s["dataset"]) for s in chosen} == {
+        ("single_image", "mimic_cxr"), ("multi_image", "mimic_cxr"), ("multi_study", "mimic_cxr"),
+        ("phrase_grounding", "ms_cxr"), ("vqa", "mimic_cxr_vqa"), ("vqa", "slake")}  # not ImaGenome's phrases
+    # VQA is scored per test set, as Table 4 reports it: right answers on one, wrong on the other.
+    exp.eval.tasks, exp.eval.bootstrap_samples = ["vqa"], 10
+    vqa = [s for s in chosen if s["task"] == "vqa"]
+    predictions = pa.Table.from_pylist([
+        {"sample_id": s["sample_id"], "task": "vqa", "task_type": "vqa", "dataset": s["dataset"], "mode": "",
+         "findings": "", "prediction": s["answer"] if s["dataset"] == "mimic_cxr_vqa" else "zzz",
+         "reference": s["answer"], "error": ""} for s in vqa], schema=PREDICTION_SCHEMA)
+    results = score_predictions(exp, predictions, corpus)
+    per_set = results["vqa_by_dataset"]["vqa"]
+    assert per_set["mimic_cxr_vqa"]["accuracy"] == 1.0 and per_set["slake"]["accuracy"] == 0.0
+    assert "vqa on slake (2 samples)" in render_tables(results, exp)

@@ -159,6 +159,9 @@ class EvalConfig:
     # the paper's evaluated tasks: report generation in three scenarios, phrase grounding, VQA
     tasks: list[str] = field(default_factory=lambda: ["single_image", "multi_image", "multi_study",
                                                       "phrase_grounding", "vqa"])
+    # task -> the datasets whose samples of that task are evaluated (a task not named: all of
+    # them). experiments/m4cxr.yaml names the paper's test sets within a prepared corpus.
+    datasets: dict[str, list[str]] = field(default_factory=dict)
     samples_per_task: int = 0  # 0: every test sample; otherwise the first N of each task
     max_new_tokens: int = 500
     decoding: Literal["greedy", "sample"] = "greedy"

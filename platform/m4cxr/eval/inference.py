@@ -46,14 +46,18 @@ def cot_modes(exp: Experiment) -> list[str]:
 
 def eval_requests(exp: Experiment, corpus_dir: str | Path) -> list[dict[str, Any]]:
     """(row, mode) pairs of the evaluated tasks in the test split, grouped by task."""
-    table = pq.read_table(samples_path(corpus_dir, exp.eval.split), columns=["task"])
+    table = pq.read_table(samples_path(corpus_dir, exp.eval.split), columns=["task", "dataset"])
     tasks = np.array(table.column("task").to_pylist())
-    missing = [t for t in exp.eval.tasks if t not in set(tasks)]
-    if missing:
-        print(f"eval: no {exp.eval.split} samples for task(s) {missing}; they are left out of the tables")
+    datasets = np.array(table.column("dataset").to_pylist())
     requests = []
     for task in exp.eval.tasks:
-        rows = np.flatnonzero(tasks == task)
+        chosen = tasks == task
+        if task in exp.eval.datasets:
+            chosen &= np.isin(datasets, exp.eval.datasets[task])
+        rows = np.flatnonzero(chosen)
+        if not len(rows):
+            named = f" of {exp.eval.datasets[task]}" if task in exp.eval.datasets else ""
+            print(f"eval: no {exp.eval.split} samples{named} for task {task}; it is left out of the tables")
         if exp.eval.samples_per_task:
             rows = rows[:exp.eval.samples_per_task]
         modes = cot_modes(exp) if task_type(task) == "mrg" else [""]

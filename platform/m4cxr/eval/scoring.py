@@ -197,6 +197,13 @@ def score_predictions(exp: Experiment, predictions: pa.Table, corpus_dir: str | 
             answers = [r["prediction"] for r in ok]
             references = [r["reference"] for r in ok]
             results["vqa"][task] = score_vqa(answers, references, resamples, seed)
+            by_dataset: dict[str, list[dict]] = {}
+            for r in ok:
+                by_dataset.setdefault(r["dataset"], []).append(r)
+            if len(by_dataset) > 1:  # Table 4 has a column pair per test set (MIMIC-CXR-VQA, SLAKE)
+                results.setdefault("vqa_by_dataset", {})[task] = {
+                    d: score_vqa([r["prediction"] for r in rs], [r["reference"] for r in rs], resamples, seed)
+                    for d, rs in sorted(by_dataset.items())}
             train_answers = [a for a, t in zip(train.column("answer").to_pylist(), train.column("task").to_pylist())
                              if t == task and a]
             frequent = Counter(train_answers).most_common(1)[0][0] if train_answers else ""

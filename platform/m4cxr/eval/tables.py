@@ -113,6 +113,9 @@ def render_tables(results: dict, exp: Experiment) -> str:
     rows = []
     for task, v in results["vqa"].items():
         rows.append([f"this run: {task} ({v['samples']} samples)", pct(v["accuracy"]), pct(v["recall"]), pct(v["BLEU-1"])])
+        for dataset, d in results.get("vqa_by_dataset", {}).get(task, {}).items():
+            rows.append([f"this run: {task} on {dataset} ({d['samples']} samples)", pct(d["accuracy"]),
+                         pct(d["recall"]), pct(d["BLEU-1"])])
     for dataset in paper["test_sets"]["vqa"]:
         if dataset in datasets["vqa"]:
             rows += [[f"{k} ({dataset})", *map(paper_pct, vals)] for k, vals in paper["table4"][dataset].items()]
