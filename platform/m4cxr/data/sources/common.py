@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
-from m4cxr.data.boxes import to_relative
+from m4cxr.data.boxes import enclosing_box, to_relative
 from m4cxr.data.images import image_size
 from m4cxr.data.schema import Sample
 from m4cxr.data.templates import render_conversation, task_type
@@ -283,8 +283,6 @@ def detection_samples(c: Collector, image_id: str, found: dict[str, list[Sequenc
 def lung_boxes(regions: Sequence[Sequence[float]], width: int) -> dict[str, tuple[float, float, float, float]]:
     """Boxes of a lung mask's regions -> {"right lung": box, "left lung": box}. The patient's right
     lung is on the image's left; regions on one side (a lung drawn in pieces) share one box."""
-    from m4cxr.data.boxes import enclosing_box
-
     sides: dict[str, list] = {}
     for box in regions:
         side = "right lung" if (box[0] + box[2]) / 2 < width / 2 else "left lung"
@@ -292,7 +290,7 @@ def lung_boxes(regions: Sequence[Sequence[float]], width: int) -> dict[str, tupl
     return {side: enclosing_box(boxes) for side, boxes in sorted(sides.items())}
 
 
-def organ_samples(c: Collector, image_id: str, organs: dict[str, Sequence[float]], *, split: str,
+def organ_grounding_samples(c: Collector, image_id: str, organs: dict[str, Sequence[float]], *, split: str,
                   patient: str) -> None:
     """organ_grounding and grounded_organ: one sample each per image, on an organ drawn with the seed."""
     if not organs:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from m4cxr.data.boxes import mask_to_boxes
 from m4cxr.data.images import read_mask
 from m4cxr.data.sources.common import (
-    Collector, SourceError, classification_sample, lung_boxes, organ_samples,
+    Collector, SourceError, classification_sample, lung_boxes, organ_grounding_samples,
 )
 
 DATASET = "covid19_radiography"
@@ -47,4 +47,4 @@ def read(c: Collector) -> None:
             if regions is None:
                 c.skip(record, f"no mask {folder}/masks/{path.name}: no organ samples")
                 continue
-            organ_samples(c, image, lung_boxes(regions, width), **common)
+            organ_grounding_samples(c, image, lung_boxes(regions, width), **common)

@@ -13,7 +13,7 @@ from pathlib import Path
 from m4cxr.data.boxes import mask_to_boxes
 from m4cxr.data.images import difference_hash, read_image, read_mask
 from m4cxr.data.sources.common import (
-    Collector, SourceError, detection_samples, lung_boxes, organ_samples, split_name,
+    Collector, SourceError, detection_samples, lung_boxes, organ_grounding_samples, split_name,
 )
 
 DATASET = "covid_qu_ex"
@@ -61,4 +61,4 @@ def read(c: Collector) -> None:
             continue
         common = dict(split=split, patient=patient)
         detection_samples(c, image, {FINDING: found}, [FINDING], TASKS, **common)
-        organ_samples(c, image, organs, **common)
+        organ_grounding_samples(c, image, organs, **common)
