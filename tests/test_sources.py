@@ -263,3 +263,30 @@ def test_relative_boxes_use_the_original_size(collected):
     sample = by_task(c, "grounded_finding", "train")[0]
     assert list(to_relative(sample.boxes[0]["box"], 64, 64)) == [31, 47, 50, 69]
     assert "[31,47,50,69]" in sample.turns[1]["content"]
+
+
+def test_chestx_det_polygons_become_their_enclosing_boxes(tmp_path):
+    from m4cxr.data.sources import chestx_det10
+
+    F.write_json(tmp_path / "ChestX_Det_train.json", [
+        {"file_name": "1.png", "syms": ["Nodule"], "boxes": [[0, 0, 1, 1]], "polygons": [[[10, 12], [20, 8], [16, 30]]]}])
+    F.write_json(tmp_path / "ChestX_Det_test.json", [])
+    F.write_png(tmp_path / "images" / "1.png", (64, 64))
+    c = Collector("chestx_det10", tmp_path)
+    chestx_det10.read(c)
+    assert by_task(c, "abnormality_detection")[0].boxes[0]["box"] == [10, 8, 20, 30]  # the polygon, not "boxes"
+
+
+def test_ms_cxr_without_a_split_column_takes_the_mimic_split(tmp_path):
+    from m4cxr.data.sources import ms_cxr
+
+    mimic = F.mimic_cxr(tmp_path / "mimic")
+    F.write_csv(tmp_path / "ms" / "MS_CXR_Local_Alignment_v1.0.0.csv",
+                ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"],
+                [[F.dicom_id(14), "Atelectasis", "Right basilar atelectasis", "", 8, 48, 20, 16, 64, 80],
+                 [F.dicom_id(1), "Pleural Effusion", "Left effusion", "", 30, 40, 20, 20, 64, 80]])
+    c = Collector("ms_cxr", tmp_path / "ms", context=PrepareContext({"mimic_cxr": mimic}))
+    ms_cxr.read(c)
+    splits = {s.answer: s.split for s in by_task(c, "grounded_phrase_generation")}
+    assert splits == {"Right basilar atelectasis": "test", "Left effusion": "train"}
+    assert any("no split column" in note for note in c.notes)
