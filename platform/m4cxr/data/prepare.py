@@ -74,7 +74,7 @@ def parse_sources(items: list[str]) -> dict[str, Path]:
             raise ValueError(f"--source {item!r}: unknown dataset {name!r}; the datasets are {', '.join(SOURCES)}")
         if not Path(path).is_dir():
             raise ValueError(f"--source {item!r}: {path} is not a folder")
-        sources[name] = Path(path)
+        sources[name] = Path(path).resolve()  # Ray workers may not share the driver's folder
     if not sources:
         raise ValueError("no --source given")
     return sources
@@ -161,7 +161,7 @@ def resize_images(refs: list[ImageRef], out_dir: Path, size: int) -> dict[str, d
 def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed: int = 0,
             progress: bool = True) -> dict:
     """Run the adapters of `sources`, store the images and write the corpus; returns the manifest."""
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     start = time.time()
     settings = settings_of(exp, seed)
     collectors = run_adapters(sources, settings, progress)
@@ -218,6 +218,6 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
     manifest["boxes_preview"] = preview.name if preview else None
     write_manifest(out, manifest)
     if progress:
-        print(f"prepare: wrote {len(samples)} samples and {len(store.index)} images to {out} "
+        print(f"prepare: wrote {len(samples)} samples and {len(store.index)} images to {out_dir} "
               f"in {time.time() - start:.1f}s", flush=True)
     return manifest
