@@ -17,7 +17,7 @@ args = p.parse_args()
 
 from m4cxr.config import load_experiment  # noqa: E402
 from m4cxr.data.prepare import parse_sources, prepare  # noqa: E402
-from m4cxr.data.stats import leakage_failures  # noqa: E402
+from m4cxr.data.stats import report_leakage  # noqa: E402
 from m4cxr.data.synthetic import synthesize  # noqa: E402
 from m4cxr.train.run import prepare_tokenizer  # noqa: E402
 
@@ -25,10 +25,7 @@ exp = load_experiment(args.config, args.set)
 corpus = Path(exp.data.corpus_dir)
 if args.source:
     manifest = prepare(exp, parse_sources(args.source), corpus)
-    failures = leakage_failures(manifest["leakage"])
-    for failure in failures:
-        print(f"LEAKAGE: {failure}", file=sys.stderr)
-    if failures:
+    if report_leakage(manifest["leakage"]):
         sys.exit(1)
 elif not (corpus / "samples").exists():
     synthesize(corpus, exp.data.synthetic, exp.data.box_convention, exp.data.system_prompt)

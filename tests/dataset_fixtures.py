@@ -58,7 +58,6 @@ def write_mask(path: Path, size, boxes) -> Path:
 
 
 def write_dicom(path: Path, size=(64, 64), seed=0, monochrome1=False) -> Path:
-    import pydicom  # noqa: F401
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

@@ -10,7 +10,8 @@ import dataset_fixtures as F
 from m4cxr.data.boxes import to_relative
 from m4cxr.data.prepare import PrepareContext, run_adapters
 from m4cxr.data.sources import siim as siim_source
-from m4cxr.data.sources.common import Collector, Settings, SourceError
+from m4cxr.config import DataConfig
+from m4cxr.data.sources.common import Collector, SourceError
 from m4cxr.data.sources.mimic_reports import clean_report
 from m4cxr.data.templates import count_images
 
@@ -18,7 +19,7 @@ from m4cxr.data.templates import count_images
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
     sources = F.all_sources(tmp_path_factory.mktemp("datasets"))
-    return sources, {c.dataset: c for c in run_adapters(sources, Settings(image_size=64), progress=False)}
+    return sources, {c.dataset: c for c in run_adapters(sources, DataConfig(image_size=64), progress=False)}
 
 
 def by_task(c, task, split=None):
@@ -185,14 +186,12 @@ def test_siim_rle_decoding_both_variants():
     mask = np.zeros((6, 5), dtype=bool)  # height 6, width 5
     mask[1:3, 2] = True
     mask[4, 0:2] = True
-    relative = siim_source.runs(F.relative_rle(mask))
-    assert not siim_source.is_absolute(relative) or len(relative) == 1
+    # Column-major runs at flat positions 4, 10 and 13-14: absolute (1-based) starts 5, 11, 14;
+    # relative starts count from the previous run's end: 4, 5, 2.
+    assert siim_source.runs(F.relative_rle(mask)) == [(4, 1), (5, 1), (2, 2)]
+    relative, absolute = [(4, 1), (5, 1), (2, 2)], [(5, 1), (11, 1), (14, 2)]
+    assert not siim_source.is_absolute(relative) and siim_source.is_absolute(absolute)
     assert (siim_source.decode(relative, 5, 6, absolute=False) == mask).all()
-    flat = np.flatnonzero(mask.T.flatten())  # absolute, 1-based runs of the same mask
-    starts = [int(i) + 1 for i in flat if i == 0 or i - 1 not in flat]
-    absolute = [(s, sum(1 for k in range(s - 1, 30) if k in flat and all(j in flat for j in range(s - 1, k + 1))))
-                for s in starts]
-    assert siim_source.is_absolute(absolute)
     assert (siim_source.decode(absolute, 5, 6, absolute=True) == mask).all()
     with pytest.raises(ValueError, match="outside"):
         siim_source.decode([(29, 5)], 5, 6, absolute=True)

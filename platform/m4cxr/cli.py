@@ -83,7 +83,7 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_stats(args) -> int:
-    from m4cxr.data.stats import corpus_stats
+    from m4cxr.data.stats import corpus_stats, report_leakage
 
     stats = corpus_stats(args.dir)
     if args.json:
@@ -95,31 +95,19 @@ def cmd_data_stats(args) -> int:
     for task, by_split in stats["tasks"].items():
         print(f"  {task:32s}" + "".join(f"{by_split.get(s, 0):>10d}" for s in splits))
     print("  patients: " + ", ".join(f"{k} {v}" for k, v in stats["patients"].items()))
-    return print_leakage(stats["leakage"])
-
-
-def print_leakage(leakage: dict) -> int:
-    """Print the leakage checks; 1 when one fails."""
-    from m4cxr.data.stats import leakage_failures
-
-    failures = leakage_failures(leakage)
-    print(f"  leakage: {leakage['patients_in_several_splits']} patient(s) in several splits, "
-          f"{leakage.get('ms_cxr_test_images_in_training', 0)} MS-CXR test image(s) in training samples"
-          + (" (FAIL)" if failures else " (ok)"))
-    for failure in failures:
-        print(f"  LEAKAGE: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return report_leakage(stats["leakage"])
 
 
 def cmd_data_leakage(args) -> int:
-    from m4cxr.data.stats import corpus_stats
+    from m4cxr.data.stats import corpus_stats, report_leakage
 
     print(f"{args.dir}:")
-    return print_leakage(corpus_stats(args.dir)["leakage"])
+    return report_leakage(corpus_stats(args.dir)["leakage"])
 
 
 def cmd_data_prepare(args) -> int:
     from m4cxr.data.prepare import parse_sources, prepare
+    from m4cxr.data.stats import report_leakage
 
     exp = _experiment(args)
     manifest = prepare(exp, parse_sources(args.source), args.out, seed=args.seed)
@@ -136,7 +124,7 @@ def cmd_data_prepare(args) -> int:
     for dataset, notes in manifest["notes"].items():
         for note in notes:
             print(f"  note, {dataset}: {note}")
-    failed = print_leakage(manifest["leakage"])
+    failed = report_leakage(manifest["leakage"])
     if failed and args.allow_leakage:
         print("  (--allow-leakage: the corpus is kept as written)")
         return 0

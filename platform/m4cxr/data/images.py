@@ -25,6 +25,14 @@ def is_dicom(path: str | Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def grey8(pixels: np.ndarray, invert: bool = False) -> Image.Image:
+    """Any-range pixels, min-max scaled to an 8-bit grey image (inverted on request)."""
+    pixels = pixels.astype(np.float64)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    pixels = (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+    return Image.fromarray(((1.0 - pixels if invert else pixels) * 255).round().astype(np.uint8), mode="L")
+
+
 def dicom_to_image(ds) -> Image.Image:
     """A pydicom dataset's pixels as an 8-bit grey image (modality + VOI LUT, MONOCHROME1 inverted)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -32,20 +40,15 @@ def dicom_to_image(ds) -> Image.Image:
     pixels = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
     if pixels.ndim == 3:  # several frames or colour: the first frame, grey
         pixels = pixels[0] if pixels.shape[-1] not in (3, 4) else pixels[..., :3].mean(-1)
-    lo, hi = float(pixels.min()), float(pixels.max())
-    pixels = (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        pixels = 1.0 - pixels
-    return Image.fromarray((pixels * 255).round().astype(np.uint8), mode="L")
+    return grey8(pixels, invert=str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1")
 
 
 def read_jsrt(path: str | Path) -> Image.Image:
     raw = np.fromfile(path, dtype=">u2")
     if raw.size != JSRT_SIDE * JSRT_SIDE:
         raise ValueError(f"{path}: {raw.size * 2} bytes, a JSRT .IMG has {JSRT_SIDE * JSRT_SIDE * 2}")
-    pixels = raw.reshape(JSRT_SIDE, JSRT_SIDE).astype(np.float64)
-    pixels = np.clip(pixels, 0, 4095) / 4095.0
-    return Image.fromarray(((1.0 - pixels) * 255).round().astype(np.uint8), mode="L")  # larger = darker
+    pixels = np.clip(raw.reshape(JSRT_SIDE, JSRT_SIDE), 0, 4095)
+    return grey8(pixels, invert=True)  # in JSRT's files larger values are darker
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -61,10 +64,7 @@ def read_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             if image.mode in ("I;16", "I;16B", "I"):  # 16-bit PNG: scale to 8 bits
-                arr = np.asarray(image, dtype=np.float64)
-                lo, hi = arr.min(), arr.max()
-                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-                return Image.fromarray((arr * 255).round().astype(np.uint8), mode="L")
+                return grey8(np.asarray(image))
             return image.convert("L")
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None

@@ -22,17 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from m4cxr.config import Experiment
+from m4cxr.config import DataConfig, Experiment
 from m4cxr.data.schema import ImageStore, write_manifest, write_samples
-from m4cxr.data.sources.common import Collector, ImageRef, Settings, SourceError
-from m4cxr.data.stats import corpus_stats
+from m4cxr.data.sources.common import Collector, ImageRef, SourceError
+from m4cxr.data.stats import MS_CXR, corpus_stats
 
 # The adapters, in the order they run: MIMIC-CXR first (its index serves the MIMIC-derived
 # datasets), MS-CXR before the datasets it must be kept out of.
 SOURCES = ("mimic_cxr", "ms_cxr", "imagenome", "mimic_cxr_vqa", "mimic_diff_vqa", "radialog", "vindr_cxr",
            "chestx_ray14", "chestx_det10", "jsrt", "siim", "rsna", "covid19_radiography", "covid_qu_ex",
            "qata_cov19", "brax", "chexpert", "slake")
-MS_CXR = "ms_cxr"
 
 
 class PrepareContext:
@@ -80,21 +79,15 @@ def parse_sources(items: list[str]) -> dict[str, Path]:
     return sources
 
 
-def settings_of(exp: Experiment, seed: int = 0) -> Settings:
-    d = exp.data
-    return Settings(image_size=d.image_size, box_convention=d.box_convention, system_prompt=d.system_prompt,
-                    max_images_multi_image=d.max_images_multi_image, max_images_multi_study=d.max_images_multi_study,
-                    seed=seed)
-
-
-def run_adapters(sources: dict[str, Path], settings: Settings, progress: bool = True) -> list[Collector]:
+def run_adapters(sources: dict[str, Path], config: DataConfig, seed: int = 0,
+                 progress: bool = True) -> list[Collector]:
     context = PrepareContext(sources)
     collectors = []
     for name in SOURCES:
         if name not in sources:
             continue
         start = time.time()
-        c = Collector(name, sources[name], settings, context)
+        c = Collector(name, sources[name], config, seed, context)
         importlib.import_module(f"m4cxr.data.sources.{name}").read(c)
         collectors.append(c)
         if progress:
@@ -163,8 +156,8 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
     """Run the adapters of `sources`, store the images and write the corpus; returns the manifest."""
     out = Path(out_dir).resolve()
     start = time.time()
-    settings = settings_of(exp, seed)
-    collectors = run_adapters(sources, settings, progress)
+    size = exp.data.image_size
+    collectors = run_adapters(sources, exp.data, seed, progress)
     keep_ms_cxr_out(collectors)
     used = {i["image_id"] for c in collectors for s in c.samples for i in s.images}
     refs: dict[str, ImageRef] = {}
@@ -173,9 +166,9 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
             if image_id in used and image_id not in refs:
                 refs[image_id] = ref
     if progress:
-        print(f"prepare: resizing {len(refs)} images to a shortest edge of {settings.image_size} px on Ray Data",
+        print(f"prepare: resizing {len(refs)} images to a shortest edge of {size} px on Ray Data",
               flush=True)
-    resized = resize_images(list(refs.values()), out, settings.image_size)
+    resized = resize_images(list(refs.values()), out, size)
     store = ImageStore(out)
     skipped = [item for c in collectors for item in c.skipped]
     for image_id, ref in refs.items():
@@ -210,12 +203,12 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
         "excluded": {c.dataset: dict(c.excluded) for c in collectors if c.excluded},
         "notes": {c.dataset: c.notes for c in collectors if c.notes},
         "source": {"kind": "prepare", "sources": {k: str(v) for k, v in sources.items()}, "seed": seed,
-                   "image_size": settings.image_size, "box_convention": settings.box_convention},
+                   "image_size": size, "box_convention": exp.data.box_convention},
     })
     from m4cxr.eval.pictures import boxes_preview
 
-    preview = boxes_preview(out, out / "boxes_preview.png")
-    manifest["boxes_preview"] = preview.name if preview else None
+    manifest["boxes_preview"] = {"file": "boxes_preview.png",
+                                 "datasets": boxes_preview(out, out / "boxes_preview.png")}
     write_manifest(out, manifest)
     if progress:
         print(f"prepare: wrote {len(samples)} samples and {len(store.index)} images to {out_dir} "

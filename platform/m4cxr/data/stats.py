@@ -3,6 +3,7 @@ in any training sample (the phrase-grounding test set must be unseen)."""
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from m4cxr.data.schema import samples_path
+
+MS_CXR = "ms_cxr"
 
 
 def corpus_stats(corpus_dir: str | Path) -> dict:
@@ -25,9 +28,6 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
     ms_cxr_test: set[str] = set()
     training_images: set[str] = set()
     for path in files:
-        ms_test, train = ms_cxr_test_and_training_images(path)
-        ms_cxr_test |= ms_test
-        training_images |= train
         table = pq.read_table(path, columns=["task", "dataset", "split", "patient_id"])
         for task, dataset, split, patient in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             tasks[task][split] += 1
@@ -35,6 +35,10 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
             pairs[f"{task}/{dataset}"][split] += 1
             patients[split].add(patient)
             total += 1
+        if pc.any(pc.equal(table.column("dataset"), MS_CXR)).as_py():  # only then are image ids needed
+            ms_test, train = ms_cxr_test_and_training_images(path)
+            ms_cxr_test |= ms_test
+            training_images |= train
     owners: dict = defaultdict(set)
     for split, ids in patients.items():
         for pid in ids:
@@ -61,22 +65,27 @@ def ms_cxr_test_and_training_images(path: Path) -> tuple[set[str], set[str]]:
     ids = pc.struct_field(pc.list_flatten(table.column("images")), "image_id")
     parents = pc.list_parent_indices(table.column("images"))
     dataset, split = (pc.take(table.column(c), parents) for c in ("dataset", "split"))
-    ms_test = pc.and_(pc.equal(dataset, "ms_cxr"), pc.equal(split, "test"))
+    ms_test = pc.and_(pc.equal(dataset, MS_CXR), pc.equal(split, "test"))
     train = pc.equal(split, "train")
     as_set = lambda mask: set(pc.filter(ids, mask).to_pylist()) if len(ids) else set()  # noqa: E731
     return as_set(ms_test), as_set(train)
 
 
-def leakage_failures(leakage: dict) -> list[str]:
-    """Human-readable failures of the leakage checks (empty when clean)."""
+def report_leakage(leakage: dict) -> int:
+    """Print the leakage checks (the failures to stderr, naming examples); 1 when one fails."""
     failures = []
     if leakage["patients_in_several_splits"]:
         failures.append(f"{leakage['patients_in_several_splits']} patient(s) in several splits, e.g. "
                         f"{', '.join(leakage['examples'][:5])}")
-    if leakage.get("ms_cxr_test_images_in_training"):
+    if leakage["ms_cxr_test_images_in_training"]:
         failures.append(f"{leakage['ms_cxr_test_images_in_training']} MS-CXR test image(s) in training samples, e.g. "
                         f"{', '.join(leakage['ms_cxr_examples'][:5])}")
-    return failures
+    print(f"  leakage: {leakage['patients_in_several_splits']} patient(s) in several splits, "
+          f"{leakage['ms_cxr_test_images_in_training']} MS-CXR test image(s) in training samples"
+          + (" (FAIL)" if failures else " (ok)"))
+    for failure in failures:
+        print(f"  LEAKAGE: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def pair_counts(corpus_dir: str | Path, split: str = "train") -> dict[str, int]:

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from m4cxr.data.boxes import parse_box, to_pixels  # noqa: E402
-from m4cxr.data.schema import ImageStore, read_sample_table  # noqa: E402
+from m4cxr.data.schema import ImageStore, read_sample_table, samples_path  # noqa: E402
 
 
 def draw_overlay(image, reference_boxes: list, predicted_box, title: str, path: str | Path) -> Path:
@@ -86,24 +86,32 @@ def write_report_page(out_dir: str | Path, tables_md: str, overlays: list[Path],
     return path
 
 
-def boxes_preview(corpus_dir: str | Path, path: str | Path, per_dataset: int = 1) -> Path | None:
+def boxes_preview(corpus_dir: str | Path, path: str | Path) -> list[str]:
     """A grid of stored images with their sample boxes (yellow) and labels, one tile per dataset
-    that has boxes: a quick look that each dataset's boxes land where they should."""
+    that has boxes (its sample with the most boxes): a quick look that each dataset's boxes land
+    where they should. Returns the datasets drawn."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     store = ImageStore(corpus_dir)
-    table = read_sample_table(corpus_dir)
-    chosen: dict[str, list[dict]] = {}
-    for row in sorted(table.to_pylist(), key=lambda r: -len(r["boxes"] or [])):
-        if row["boxes"] and len(chosen.setdefault(row["dataset"], [])) < per_dataset:
-            chosen[row["dataset"]].append(row)
-    tiles = [r for rows in chosen.values() for r in rows]
+    tiles: dict[str, tuple[int, dict]] = {}  # dataset -> (box count, row)
+    for file in sorted(samples_path(corpus_dir).glob("*.parquet")):
+        table = pq.read_table(file, columns=["dataset", "task", "images", "boxes"])
+        counts = pc.list_value_length(table.column("boxes")).fill_null(0).to_numpy(zero_copy_only=False)
+        datasets = np.array(table.column("dataset").to_pylist())
+        for dataset in np.unique(datasets):
+            index = int(np.flatnonzero(datasets == dataset)[np.argmax(counts[datasets == dataset])])
+            if counts[index] > tiles.get(dataset, (0, None))[0]:
+                tiles[dataset] = (int(counts[index]), table.slice(index, 1).to_pylist()[0])
     if not tiles:
-        return None
+        return []
     cols = min(4, len(tiles))
     rows_n = (len(tiles) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(3 * cols, 3.3 * rows_n), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, row in zip(axes.ravel(), tiles):
+    for ax, (dataset, (_, row)) in zip(axes.ravel(), sorted(tiles.items())):
         image_id = row["images"][row["boxes"][0]["image_index"]]["image_id"]
         with store.load(image_id) as im:
             ax.imshow(im.convert("L"), cmap="gray")
@@ -111,8 +119,8 @@ def boxes_preview(corpus_dir: str | Path, path: str | Path, per_dataset: int = 1
             x1, y1, x2, y2 = b["box"]
             ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=1.5))
             ax.text(x1, y1, textwrap.shorten(b["label"], 24), color="yellow", fontsize=6, va="bottom")
-        ax.set_title(f"{row['dataset']}\n{row['task']}", fontsize=8)
+        ax.set_title(f"{dataset}\n{row['task']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return Path(path)
+    return sorted(tiles)

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from m4cxr.config import DEFAULT_SYSTEM_PROMPT
+from m4cxr.config import DataConfig
 from m4cxr.data.boxes import enclosing_box, to_relative
 from m4cxr.data.images import image_size
 from m4cxr.data.schema import Sample
@@ -115,24 +115,14 @@ def read_json(path: Path) -> Any:
         raise SourceError(f"{path}: not valid JSON ({err})") from err
 
 
-def as_float(value: str | None) -> float | None:
-    """'1.5' -> 1.5; '' / 'nan' / None -> None; anything else raises ValueError."""
-    if value is None or str(value).strip().lower() in ("", "nan", "none"):
-        return None
-    return float(value)
-
-
 def chexpert_value(value: str | None, where: str) -> int | None:
-    """CheXpert-style cell: 1 / 0 / -1 (also 1.0 ...); blank is not mentioned."""
-    try:
-        number = as_float(value)
-    except ValueError:
-        number = 2.0  # not a number: reported below
-    if number is None:
+    """CheXpert-style cell: 1 / 0 / -1 (also 1.0 ...); blank (or nan) is not mentioned."""
+    text = (value or "").strip().lower()
+    if text in ("", "nan"):
         return None
-    if number not in (1.0, 0.0, -1.0):
+    if text not in ("1", "0", "-1", "1.0", "0.0", "-1.0"):
         raise ValueError(f"{where}: label value {value!r} is not 1, 0, -1 or blank")
-    return int(number)
+    return int(float(text))
 
 
 # ----------------------------------------------------------------------------- the collector
@@ -150,22 +140,13 @@ class ImageRef:
 
 
 @dataclass
-class Settings:
-    image_size: int = 518
-    box_convention: str = "resize"
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_images_multi_image: int = 5
-    max_images_multi_study: int = 10
-    seed: int = 0
-
-
-@dataclass
 class Collector:
     """What one adapter produces: samples, the images they use, skipped and excluded records."""
 
     dataset: str
     root: Path
-    settings: Settings = field(default_factory=Settings)
+    config: DataConfig = field(default_factory=DataConfig)  # box convention, system prompt, image limits
+    seed: int = 0  # the per-image choices (which finding, box or region a sample asks about)
     context: Any = None  # the PrepareContext: other sources' folders, shared indexes
     samples: list[Sample] = field(default_factory=list)
     images: dict[str, ImageRef] = field(default_factory=dict)
@@ -176,7 +157,7 @@ class Collector:
 
     def __post_init__(self):
         self.root = Path(self.root)
-        self.rng = np.random.default_rng([self.settings.seed, zlib.crc32(self.dataset.encode())])
+        self.rng = np.random.default_rng([self.seed, zlib.crc32(self.dataset.encode())])
 
     # records left out
     def skip(self, record: Any, reason: str) -> None:
@@ -208,7 +189,7 @@ class Collector:
 
     def rel(self, image_id: str, box: Sequence[float]) -> list[int]:
         width, height = self.size(image_id)
-        return list(to_relative(box, width, height, self.settings.box_convention))
+        return list(to_relative(box, width, height, self.config.box_convention))
 
     def choice(self, items: Sequence) -> Any:
         return items[int(self.rng.integers(len(items)))]
@@ -218,7 +199,7 @@ class Collector:
             study: str = "", boxes: Iterable[tuple[str, int, Sequence[float]]] = (), labels: dict | None = None,
             report: str | None = None, prior_report: str | None = None,
             follow_ups: Sequence[tuple[str, str]] = ()) -> Sample:
-        turns = render_conversation(task, fields, self.settings.system_prompt, follow_ups=follow_ups)
+        turns = render_conversation(task, fields, self.config.system_prompt, follow_ups=follow_ups)
         sample = Sample(
             sample_id=f"{self.dataset}-{task}-{len(self.samples)}", task=task, task_type=task_type(task),
             dataset=self.dataset, split=split, patient_id=patient, study_id=study or images[0][0],

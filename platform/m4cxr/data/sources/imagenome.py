@@ -99,18 +99,12 @@ def read(c: Collector) -> None:
                 c.skip(record, "no region box inside the image")
                 continue
             image = index.register(c, dicom, split=split)
-            one = [(image, "current")]
-            names = sorted(boxes)
-            region = c.choice(names)
-            c.add("anatomical_region_grounding", {"name": region, "bbox": c.rel(image, boxes[region])}, one,
-                  boxes=[(region, 0, boxes[region])], **common)
-            region = c.choice(names)
-            c.add("grounded_anatomical_region", {"bbox": c.rel(image, boxes[region]), "name": region}, one,
-                  boxes=[(region, 0, boxes[region])], **common)
-            if phrases:
-                region = c.choice(sorted(phrases))
-                c.add("phrase_grounding", {"phrase": phrases[region], "bbox": c.rel(image, boxes[region])}, one,
-                      boxes=[(phrases[region], 0, boxes[region])], **common)
-                region = c.choice(sorted(phrases))
-                c.add("grounded_phrase_generation", {"bbox": c.rel(image, boxes[region]), "phrase": phrases[region]},
-                      one, boxes=[(phrases[region], 0, boxes[region])], **common)
+            names = {region: region for region in boxes}
+            for task, key, texts in (("anatomical_region_grounding", "name", names),
+                                     ("grounded_anatomical_region", "name", names),
+                                     ("phrase_grounding", "phrase", phrases),
+                                     ("grounded_phrase_generation", "phrase", phrases)):
+                if texts:  # each task on a region drawn with the seed
+                    region = c.choice(sorted(texts))
+                    c.add(task, {key: texts[region], "bbox": c.rel(image, boxes[region])}, [(image, "current")],
+                          boxes=[(texts[region], 0, boxes[region])], **common)

@@ -102,6 +102,8 @@ class MimicIndex:
 
     def register(self, c: Collector, dicom_id: str, split: str | None = None) -> str:
         """Register a MIMIC image with a collector (any MIMIC-derived dataset); returns its image id."""
+        if image_id(dicom_id) in c.images:  # already registered: no second look at the disk
+            return image_id(dicom_id)
         image = self.images[dicom_id]
         return c.image(image_id(dicom_id), self.image_path(image), patient=patient_id(image.subject_id),
                        study=image.study_id, split=split or image.split, view=image.view,
@@ -137,7 +139,7 @@ def read(c: Collector) -> None:
     for record, reason in index.skipped:
         c.skip(record, reason)
     file_labels = read_labels(c)
-    candidates, limits = cot_candidates(), c.settings
+    candidates, limits = cot_candidates(), c.config
     reports: dict[str, tuple[str, dict[str, int]]] = {}  # study -> (cleaned FINDINGS, labels)
     missing_reports = labelled_here = 0
     for study, dicoms in sorted(index.studies.items()):

@@ -28,18 +28,17 @@ def read(c: Collector) -> None:
     for folder, split in SPLITS.items():
         for path in sorted((root / folder / "Images").glob("*.png")):
             record = f"{folder}/Images/{path.name}"
+            patient = f"{DATASET}_{path.stem}"
             try:
-                picture = read_image(path)
-                if known is not None and difference_hash(picture) in known:
+                if known is not None and difference_hash(read_image(path)) in known:
                     c.exclude("also in COVID-QU-Ex")
                     continue
                 mask_path = root / folder / "Ground-truths" / f"mask_{path.name}"
                 if not mask_path.exists():
                     raise ValueError(f"no mask Ground-truths/mask_{path.name}")
-                boxes = mask_to_boxes(read_mask(mask_path, picture.size))
+                image = c.image(patient, path, patient=patient, split=split)
+                boxes = mask_to_boxes(read_mask(mask_path, c.size(image)))
             except ValueError as err:
                 c.skip(record, str(err))
                 continue
-            patient = f"{DATASET}_{path.stem}"
-            image = c.image(patient, path, patient=patient, split=split, size=picture.size)
             detection_samples(c, image, {FINDING: boxes}, [FINDING], TASKS, split=split, patient=patient)

@@ -7,8 +7,6 @@ You et al.) and "Normal" are used, the paper's rule. Images: stage_2_train_image
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from m4cxr.data.sources.common import (
     Collector, classification_sample, detection_samples, find_file, read_table,
 )
@@ -24,19 +22,18 @@ def read(c: Collector) -> None:
     kind = {row[pid]: row[cls] for row in classes.rows}
     labels = read_table(find_file(c.root, "stage_2_train_labels.csv"))
     cols = {k: labels.column(k) for k in ("patientId", "x", "y", "width", "height", "Target")}
-    boxes: dict[str, list] = defaultdict(list)
+    boxes: dict[str, list] = {}
     for row in labels.rows:
         name = row[cols["patientId"]]
         try:
             if row[cols["Target"]] not in ("0", "1"):
                 raise ValueError(f"Target {row[cols['Target']]!r} is not 0 or 1")
+            image_boxes = boxes.setdefault(name, [])  # a Target=0 patient has none
             if row[cols["Target"]] == "1":
                 x, y, w, h = (float(row[cols[k]]) for k in ("x", "y", "width", "height"))
                 if w <= 0 or h <= 0:
                     raise ValueError(f"empty box w={w} h={h}")
-                boxes[name].append((x, y, x + w, y + h))
-            else:
-                boxes[name]
+                image_boxes.append((x, y, x + w, y + h))
         except ValueError as err:
             c.skip(f"{labels.path.name} line {row['line']}", str(err))
     folder = c.root / "stage_2_train_images"

@@ -37,7 +37,7 @@ def read_boxes(c: Collector, split: str) -> dict[str, dict[str, list]]:
     for row in table.rows:
         record = f"{table.path.name} line {row['line']}"
         finding = row[name]
-        found[row[image]]  # every annotated image, also those with no finding
+        by_finding = found[row[image]]  # made here, so that an image with no finding is kept too
         if finding.lower() == "no finding":
             continue
         try:
@@ -49,7 +49,7 @@ def read_boxes(c: Collector, split: str) -> dict[str, dict[str, list]]:
         except ValueError as err:
             c.skip(record, str(err))
             continue
-        found[row[image]][finding].append((x1, y1, x2, y2))
+        by_finding[finding].append((x1, y1, x2, y2))
     return {img: {k: merge_overlapping(v, 0.5) for k, v in by.items()} for img, by in found.items()}
 
 
