@@ -74,16 +74,17 @@ def throughput(exp, tok_dir, n: int) -> dict:
     loop = n / (time.perf_counter() - t0)
 
     # the Ray Data pipeline, consumed as a trainer would consume it
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    from m4cxr.ray_cluster import init_ray
+    init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = train_stream(exp, "instruction", corpus, tok_dir, tpi, n)
+    ds = train_stream(exp, "instruction", corpus, tok_dir, tpi, np.arange(n))
     for _ in ds.limit(64).iter_batches(batch_size=32):  # start the actors before timing
         pass
     # steady state: timed from the first batch (actor start-up, a one-off per run, is reported apart)
     t_start = time.perf_counter()
     seen, t0 = 0, None
-    for batch in train_stream(exp, "instruction", corpus, tok_dir, tpi, n).iter_batches(batch_size=32, prefetch_batches=4):
+    for batch in train_stream(exp, "instruction", corpus, tok_dir, tpi, np.arange(n)).iter_batches(batch_size=32, prefetch_batches=4):
         if t0 is None:
             t0 = time.perf_counter()
             continue

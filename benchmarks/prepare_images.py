@@ -67,7 +67,8 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "src").mkdir()
         refs = make_images(tmp / "src", args.jpegs, args.dicoms)
-        ray.init(include_dashboard=False, log_to_driver=False)
+        from m4cxr.ray_cluster import init_ray
+        init_ray(log_to_driver=False)
         warm = resize_images(refs[:8], tmp / "warm", args.size)  # start both workers first
         assert not any(r["error"] for r in warm.values())
         start = time.perf_counter()

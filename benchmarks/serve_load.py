@@ -95,7 +95,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    from m4cxr.ray_cluster import init_ray
+    init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     image = image_b64()
     rows = []

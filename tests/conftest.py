@@ -9,10 +9,13 @@ REAL = Path(__file__).resolve().parent / "data" / "real"
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance per test module (starting Ray takes seconds)."""
+    """One local Ray instance per test module (starting Ray takes seconds), with its dashboard
+    as the platform starts it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from m4cxr.ray_cluster import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 

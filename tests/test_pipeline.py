@@ -6,7 +6,7 @@ import pytest
 
 from m4cxr.config import load_experiment
 from m4cxr.data.pipeline import (
-    PrepareSamples, draw_rows, pair_rows, prepare_args, stage_mixture, step_batches, validation_rows, write_marker,
+    PrepareSamples, draw_rows, pair_rows, prepare_args, stage_mixture, step_batches, validation_rows, worker_positions,
 )
 from m4cxr.data.schema import read_sample_table
 from m4cxr.train.loop import DataBudgetExceeded, check_error_budget, warmup_cosine
@@ -23,7 +23,7 @@ def setup(synthetic_corpus):
     return exp, str(corpus), tok_dir
 
 
-def test_draw_is_resumable_and_skips_consumed_positions(setup, tmp_path):
+def test_draw_is_resumable_and_workers_share_each_step(setup, tmp_path):
     exp, corpus, _ = setup
     mixture = stage_mixture(exp, "instruction", corpus)
     rows_by_pair = pair_rows(corpus, mixture)
@@ -32,11 +32,15 @@ def test_draw_is_resumable_and_skips_consumed_positions(setup, tmp_path):
     tasks = read_sample_table(corpus, "train").column("task").to_pylist()
     drawn_tasks = {tasks[r] for r in full["row"]}
     assert len(drawn_tasks) > 8  # the stream mixes many tasks
-    marker = tmp_path / "stream_position.json"
-    write_marker(str(marker), 40, 5)
-    resumed = draw_rows({"data": np.arange(0, 100)}, mixture, rows_by_pair, str(marker))
-    assert (resumed["position"] == np.arange(40, 100)).all()
+    # a stream resumed at position 40 draws the same samples as the full stream did there
+    resumed = draw_rows({"data": np.arange(40, 100)}, mixture, rows_by_pair)
     assert (resumed["row"] == full["row"][40:]).all()
+    # step s trains positions [8s, 8s+8): worker r of 2 the r-th half; resumed after step 3
+    assert worker_positions(3, 5, 8, 0, 2).tolist() == [24, 25, 26, 27, 32, 33, 34, 35]
+    assert worker_positions(3, 5, 8, 1, 2).tolist() == [28, 29, 30, 31, 36, 37, 38, 39]
+    assert sorted(np.concatenate([worker_positions(0, 5, 8, r, 4) for r in range(4)])) == list(range(40))
+    with pytest.raises(ValueError, match="not a multiple of 3 workers"):
+        worker_positions(0, 5, 8, 0, 3)
     # stage 1 draws report samples only
     pre = stage_mixture(exp, "pretrain", corpus)
     rows = draw_rows({"data": np.arange(50)}, pre, pair_rows(corpus, pre))["row"]

@@ -7,48 +7,32 @@ import pytest
 import yaml
 
 from m4cxr.config import load_experiment
+from m4cxr.train.lineage import lineage_problems, read_metrics
 from m4cxr.train.run import run_stage
 
 from conftest import ROOT, free_port
+from faults import Killer, at_step
 
 
-def test_worker_failure_resumes_from_checkpoint(ray_local, synthetic_corpus, tmp_path):
-    corpus, _ = synthetic_corpus
-    exp = load_experiment(ROOT / "experiments/quickstart.yaml", [
-        f"train.output_dir={tmp_path}", "train.instruction.training_steps=12", "train.instruction.max_steps=12",
-        "train.instruction.global_batch_size=4", "train.micro_batch_size=2", "train.checkpoint_every=4",
-        "train.log_every=1", "train.val_samples=8", "train.max_failures=1"])
-    summary = run_stage(exp, "instruction", corpus, run_name="chaos", inject_failure_at=6)
-    log = [json.loads(line) for line in (tmp_path / "chaos/metrics.jsonl").read_text().splitlines()]
-    steps = [m["step"] for m in log]
-    # first attempt: steps 1-5 (it fails at 6); the checkpoint is at step 4, so the second attempt
-    # continues with step 5 rather than starting over
-    assert steps == [1, 2, 3, 4, 5] + list(range(5, 13)), steps
-    assert (tmp_path / "chaos/injected_failure").exists()
-    before, after = log[4], log[5]
-    assert before["step"] == after["step"] == 5
-    # the mixture stream continues where the checkpoint left it (4 steps x 4 samples) ...
-    assert before["first_position"] == after["first_position"] == 16
-    assert [m["first_position"] for m in log[5:]] == [16 + 4 * i for i in range(8)]
-    # ... and so does the loss curve: the same samples with the restored model give the same loss
-    assert after["loss"] == pytest.approx(before["loss"], rel=1e-3)
-    assert after["lr"] == pytest.approx(before["lr"])
-    assert summary["steps"] == 12 and (tmp_path / "chaos/final/m4cxr.json").exists()
-
-
-def test_rerun_with_the_same_name_resumes_a_stopped_run(ray_local, synthetic_corpus, tmp_path):
+def test_rerun_with_the_same_name_resumes_a_failed_run(ray_local, synthetic_corpus, tmp_path):
     corpus, _ = synthetic_corpus
     args = [f"train.output_dir={tmp_path}", "train.instruction.training_steps=8", "train.instruction.max_steps=8",
             "train.instruction.global_batch_size=4", "train.micro_batch_size=2", "train.checkpoint_every=3",
-            "train.log_every=1", "train.val_samples=8"]
-    stopping = load_experiment(ROOT / "experiments/quickstart.yaml", args + ["train.max_failures=0"])
-    with pytest.raises(Exception, match="injected failure at step 5"):
-        run_stage(stopping, "instruction", corpus, run_name="stopped", inject_failure_at=5)
+            "train.log_every=3", "train.val_samples=8"]
+    failing = load_experiment(ROOT / "experiments/quickstart.yaml", args + ["train.max_failures=0"])
+    killer = Killer(tmp_path / "stopped", [(at_step(5), "RayTrainWorker")])
+    killer.start()
+    with pytest.raises(Exception, match="(?i)died|actor|worker"):
+        run_stage(failing, "instruction", corpus, run_name="stopped")
+    assert killer.killed
     summary = run_stage(load_experiment(ROOT / "experiments/quickstart.yaml", args), "instruction", corpus,
                         run_name="stopped")
-    steps = [json.loads(line)["step"] for line in (tmp_path / "stopped/metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4] + [4, 5, 6, 7, 8], steps  # the rerun continues from the step-3 checkpoint
-    assert summary["steps"] == 8
+    rows = read_metrics(tmp_path / "stopped")
+    assert lineage_problems(rows, 8, 4) == []
+    # the rerun continues from a checkpoint (step 3, or step 0 if the controller had not taken in
+    # step 3's report when the worker died), not from the start
+    assert summary["steps"] == 8 and summary["restarts"] == 1
+    assert summary["restart_costs"][0]["resumed_from_step"] in (0, 3)
 
 
 def test_quickstart_learns(ray_local, tmp_path):

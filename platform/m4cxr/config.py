@@ -142,7 +142,13 @@ class TrainConfig:
     val_samples: int = 64
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    max_failures: int = 1
+    max_failures: int = 1  # worker or node failures a run survives (each restarts from the last checkpoint)
+    # how long a (re)start waits for nodes that fit the workers, e.g. the autoscaler's replacement
+    # for a lost node, before the run fails; 0 waits as long as it takes
+    capacity_wait_s: float = 1800
+    # Ray's placement of the workers: PACK fills a node first; SPREAD or STRICT_SPREAD put them
+    # on different nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     deepspeed: str = ""  # a DeepSpeed JSON config (experiments/deepspeed/zero2.json), or "" for plain DDP
     precision: Literal["bf16", "fp32"] = "bf16"
     max_seq_len: int = 4095

@@ -1,12 +1,16 @@
 """The training data path: samples Parquet -> mixture draw -> Ray Data preprocessing -> workers.
 
-    positions 0..N-1 of the mixture stream         ray.data.range
-    -> (pair, sample row) per position             map_batches(draw_rows): seeded, resumable
-    -> drop positions a resumed run has consumed   (read from the run's stream marker file)
+    the worker's positions of the mixture stream   worker_positions: from the restored step
+    -> (pair, sample row) per position             map_batches(draw_rows): seeded by position
     -> images loaded, resized, normalised;         map_batches(PrepareSamples) on CPU actors
        conversation tokenised, images expanded
-    -> the trainer's `datasets`, read in each worker with get_dataset_shard(...).iter_batches
+    -> read in order in the Train worker that built it (iter_batches, one step's rows at a time)
     -> each optimizer step's rows sorted by length into micro-batches (step_batches)
+
+Step s of a run trains stream positions [s*G, (s+1)*G) (G the global batch), worker r of W the
+r-th slice of them. Each worker builds its own stream from the step of the checkpoint it
+restored, so a restarted run trains every position after that checkpoint once, whatever the
+number of workers, and nothing is read from state that can run ahead of the checkpoint.
 
 A corrupt image or malformed row becomes a row with an `error` naming the sample; workers count
 and report them and stop the run past `data.error_budget`. Nothing is dropped silently.
@@ -14,7 +18,6 @@ and report them and stop the run past `data.error_budget`. Nothing is dropped si
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +58,18 @@ def pair_rows(corpus_dir: str | Path, mixture: Mixture, split: str = "train") ->
     return [np.flatnonzero(keys == p.key) for p in mixture.pairs]
 
 
-def read_marker(marker: str | None) -> int:
-    """The stream position a resumed run continues from (0 for a fresh run)."""
-    if marker and Path(marker).is_file():
-        return int(json.loads(Path(marker).read_text())["position"])
-    return 0
+def worker_positions(first_step: int, last_step: int, global_batch: int, rank: int, world: int) -> np.ndarray:
+    """The stream positions worker `rank` of `world` trains in steps first_step+1 .. last_step."""
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} is not a multiple of {world} workers")
+    per_worker = global_batch // world
+    steps = np.arange(first_step, last_step, dtype=np.int64)[:, None]
+    return (steps * global_batch + rank * per_worker + np.arange(per_worker, dtype=np.int64)[None, :]).reshape(-1)
 
 
-def write_marker(marker: str, position: int, step: int) -> None:
-    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(marker).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"position": int(position), "step": int(step)}))
-    tmp.replace(marker)
-
-
-def draw_rows(batch: dict[str, np.ndarray], mixture: Mixture, rows_by_pair: list[np.ndarray],
-              marker: str | None = None) -> dict[str, np.ndarray]:
-    """Stream positions -> sample rows, leaving out positions a resumed run already consumed."""
+def draw_rows(batch: dict[str, np.ndarray], mixture: Mixture, rows_by_pair: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Stream positions -> sample rows; the same position always draws the same sample."""
     positions = np.asarray(batch["data"], dtype=np.int64)
-    positions = positions[positions >= read_marker(marker)]
     pair_idx, within = mixture.draw_at(positions)
     rows = np.array([rows_by_pair[p][int(u * len(rows_by_pair[p]))] for p, u in zip(pair_idx, within)], dtype=np.int64)
     return {"position": positions, "row": rows}
@@ -164,16 +160,18 @@ def _preprocess(ds, exp: Experiment, args: dict):
 
 
 def train_stream(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: str, tokens_per_image: int,
-                 total: int, marker: str | None = None):
-    """The training stream of `total` mixture positions as a Ray Dataset (in stream order)."""
+                 positions: np.ndarray):
+    """The training samples at the given mixture positions as a Ray Dataset (read it with
+    preserve_order on, as the Train worker does, to get them in stream order)."""
     import ray
 
     mixture = stage_mixture(exp, stage, corpus_dir)
     rows_by_pair = pair_rows(corpus_dir, mixture)
-    blocks = max(1, min(500, total // 1024))  # few, large draw tasks: each task costs scheduling time
+    positions = np.asarray(positions, dtype=np.int64)
+    blocks = max(1, min(500, len(positions) // 1024))  # few, large draw tasks: each task costs scheduling time
     # positions as in-memory blocks (no read task: on a small machine every CPU is spoken for)
-    ds = ray.data.from_numpy(np.array_split(np.arange(total, dtype=np.int64), blocks))
-    ds = ds.map_batches(draw_rows, fn_kwargs={"mixture": mixture, "rows_by_pair": rows_by_pair, "marker": marker},
+    ds = ray.data.from_numpy(np.array_split(positions, blocks))
+    ds = ds.map_batches(draw_rows, fn_kwargs={"mixture": mixture, "rows_by_pair": rows_by_pair},
                         batch_size=None, num_cpus=0.1)
     return _preprocess(ds, exp, prepare_args(exp, corpus_dir, "train", tokenizer_dir, tokens_per_image, stage))
 

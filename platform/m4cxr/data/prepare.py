@@ -131,7 +131,7 @@ def resize_images(refs: list[ImageRef], out_dir: Path, size: int) -> dict[str, d
     """image_id -> {width, height, scale, error} for every image, resized on Ray Data."""
     import ray
 
-    from m4cxr.train.run import init_ray
+    from m4cxr.ray_cluster import init_ray
 
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if not refs:

@@ -126,7 +126,7 @@ def run_inference(exp: Experiment, checkpoint: str | Path, corpus_dir: str | Pat
     """Predictions for the evaluated test samples, written to `out` (Parquet) and returned."""
     import ray
 
-    from m4cxr.train.run import init_ray
+    from m4cxr.ray_cluster import init_ray
 
     init_ray()
     requests = eval_requests(exp, corpus_dir)

@@ -180,7 +180,7 @@ def chat_app(args: dict[str, Any]):
 def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str = "127.0.0.1",
                  apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1"), **args: Any) -> str:
     """Start the applications on this Ray cluster; returns the base URL."""
-    from m4cxr.train.run import init_ray
+    from m4cxr.ray_cluster import init_ray
 
     init_ray()
     serve.start(http_options={"host": host, "port": port})

@@ -241,7 +241,7 @@ def run_sweep(exp: Experiment, name: str | None = None) -> dict:
 
     from m4cxr.sweep.report import write_outputs
     from m4cxr.sweep.space import distributions
-    from m4cxr.train.run import init_ray
+    from m4cxr.ray_cluster import init_ray
 
     check_objectives(exp)
     if exp.tune.objective == "single" and exp.tune.early_stopping and exp.tune.max_concurrent_trials > 1:

@@ -4,8 +4,9 @@ AdamW (betas, eps, weight decay from the config), linear warm-up then cosine dec
 max_steps, gradient clipping, gradient accumulation (micro batch x workers x accumulation =
 global batch), bf16 autocast on GPU, optional DeepSpeed. The loss is logged per task type. A
 checkpoint every `train.checkpoint_every` steps goes through ray.train.report; a restarted
-worker resumes from ray.train.get_checkpoint() with model, optimiser, scheduler, step and the
-position in the mixture stream.
+worker resumes from ray.train.get_checkpoint() with model, optimiser, scheduler and step, and
+builds its slice of the mixture stream from that step (data/pipeline.py): whatever checkpoint
+Ray Train restores, every stream position after it is trained once, in order.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from m4cxr.config import experiment_from_dict
-from m4cxr.data.pipeline import step_batches, write_marker
+from m4cxr.data.pipeline import step_batches, train_stream, worker_positions
 from m4cxr.model.m4cxr import describe_counts
 
 STATE_FILE = "train_state.pt"
@@ -118,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
                                   weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage.warmup_steps, stage.max_steps))
 
-    step, position, history = 0, 0, []
+    step, history = 0, []
     errors_seen, rows_seen, val_first = 0, 0, None
     engine = None
     if exp.train.deepspeed:  # DeepSpeed owns the optimizer step, accumulation and clipping
@@ -136,9 +138,15 @@ def train_loop_per_worker(config: dict) -> None:
             model.load_state_dict(state["model"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        step, position, history = state["step"], state["position"], state["history"]
+        step, history = state["step"], state["history"]
         errors_seen, rows_seen, val_first = state["errors_seen"], state["rows_seen"], state["val_loss_first"]
-        say(f"resumed from the checkpoint at step {step}, stream position {position}")
+    metrics_file = Path(config["run_dir"]) / "metrics.jsonl"
+    if rank == 0:
+        logged = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+        if logged:  # a restart: say what it costs
+            again = f"; steps {step + 1}-{max(logged)} are trained again" if max(logged) > step else ""
+            say(f"resumed from the checkpoint at step {step} (stream position {step * stage.global_batch_size}){again}")
+        metrics_file.touch()
 
     core = model
     if engine is None and world > 1:
@@ -171,23 +179,31 @@ def train_loop_per_worker(config: dict) -> None:
         return total / max(1, count)
 
     if val_first is None:  # a fresh run
-        if rank == 0:
-            (Path(config["run_dir"]) / "metrics.jsonl").write_text("")
         val_first = validate()
         say(f"validation loss before training: {val_first:.4f}")
 
-    shard = ray.train.get_dataset_shard("train")
+    # this worker's slice of the stream from the restored step on, never from state that could
+    # run ahead of the checkpoint (a marker written after a report the controller missed)
     rows_per_step = micro * accum
-    fail_at = int(config.get("inject_failure_at", -1))  # fault injection, to test recovery
-    fail_flag = Path(config["run_dir"]) / "injected_failure"
+    positions = worker_positions(step, stage.training_steps, stage.global_batch_size, rank, world)
+    data_context = ray.data.DataContext.get_current()
+    data_context.execution_options.preserve_order = True
+    data_context.enable_progress_bars = False  # the step lines are the progress
+    stream = train_stream(exp, stage_name, config["corpus_dir"], config["tokenizer_dir"],
+                          exp.model.projector.num_query_tokens, positions)
+    resumed_from = step
     core.train()
     started, tokens_real, tokens_padded, first_step = time.time(), 0, 0, step
     metrics: dict = {}
     stop_file = config.get("stop_file") or ""
     stopped = False
-    for rows in shard.iter_batches(batch_size=rows_per_step, batch_format="numpy", drop_last=True, prefetch_batches=2):
+    for rows in stream.iter_batches(batch_size=rows_per_step, batch_format="numpy", prefetch_batches=2):
         if step >= stage.training_steps:
             break
+        expected = positions[(step - resumed_from) * rows_per_step:(step - resumed_from + 1) * rows_per_step]
+        if not np.array_equal(rows["position"], expected):
+            raise RuntimeError(f"worker {rank}: step {step + 1} got stream positions {rows['position'][:4].tolist()}..., "
+                               f"expected {expected[:4].tolist()}...")
         if stop_file:  # a sweep's scheduler stopped this trial: end here and free the workers
             flag = torch.tensor([int(Path(stop_file).exists())], device=device)
             if world > 1:
@@ -196,11 +212,6 @@ def train_loop_per_worker(config: dict) -> None:
                 stopped = True
                 say(f"stopped at step {step}: the sweep's scheduler ended this trial")
                 break
-        keep = rows["position"] >= position  # a resumed run never repeats the stream
-        if not keep.all():
-            rows = {k: v[keep] for k, v in rows.items()}
-            if len(rows["position"]) == 0:
-                continue
         batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.model.image_mean,
                                       exp.model.image_std, exp.data.length_grouping)
         rows_seen += stats["rows"]
@@ -235,29 +246,22 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        position = int(rows["position"].max()) + 1
-        if world > 1:
-            t = torch.tensor([position], device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            position = int(t)
         train_loss = step_loss_sum / max(1, step_tokens)
         history.append([step, train_loss])
-        metrics = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0], "position": position,
-                   "first_position": int(rows["position"].min()),
+        # the lineage: step s trained positions [first_position, position) over all workers
+        metrics = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                   "first_position": (step - 1) * stage.global_batch_size, "position": step * stage.global_batch_size,
+                   "resumed_from": resumed_from, "time": time.time(),
                    "nonpad_token_share": tokens_real / max(1, tokens_padded), "skipped_samples": errors_seen,
                    "samples_per_s": (step - first_step) * rows_per_step * world / max(1e-9, time.time() - started),
                    "val_loss_first": val_first}
         for t, (ls, nn_) in by_type.items():
             metrics[f"loss_{t}"] = ls / max(1, nn_)
-        if step == fail_at and not fail_flag.exists():
-            fail_flag.parent.mkdir(parents=True, exist_ok=True)
-            fail_flag.write_text(str(step))
-            raise RuntimeError(f"injected failure at step {step} (inject_failure_at)")
         last = step >= stage.training_steps
         if (exp.train.eval_every and step % exp.train.eval_every == 0) or last:
             metrics["val_loss"] = validate()
         if rank == 0:
-            with open(Path(config["run_dir"]) / "metrics.jsonl", "a") as f:
+            with open(metrics_file, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         if step % exp.train.log_every == 0 or last:
             per_type = " ".join(f"{t} {ls / max(1, nn_):.3f}" for t, (ls, nn_) in sorted(by_type.items()))
@@ -270,12 +274,10 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     torch.save({"model": trainable_state(core) if engine is None else {},
                                 "optimizer": optimizer.state_dict() if engine is None else {},
-                                "scheduler": scheduler.state_dict(), "step": step, "position": position,
+                                "scheduler": scheduler.state_dict(), "step": step,
                                 "history": history, "errors_seen": errors_seen, "rows_seen": rows_seen,
                                 "val_loss_first": val_first}, Path(tmp) / STATE_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-            if rank == 0:  # after the checkpoint is stored: the marker never runs ahead of it
-                write_marker(config["marker"], position, step)
         elif step % exp.train.log_every == 0:
             ray.train.report(metrics)
     if stopped:

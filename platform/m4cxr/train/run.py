@@ -1,32 +1,26 @@
 """Driver side of training: the corpus's tokenizer, the Ray Data streams, the TorchTrainer.
 
 `run_stage(exp, "pretrain" | "instruction", corpus_dir)` trains one stage and returns its
-summary (validation loss first and last, steps, non-padding token share, final checkpoint).
-Rerunning with the same run name resumes the run from its last checkpoint (Ray Train V2).
+summary (validation loss first and last, steps, non-padding token share, final checkpoint, the
+restarts and what they cost). A failed worker or a lost node restarts the workers from the last
+checkpoint (up to train.max_failures times); rerunning with the same run name resumes a stopped
+run (Ray Train V2). Each worker streams its own samples (train/loop.py), so the trainer is given
+the validation set only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 
 from m4cxr.config import Experiment, to_dict
+from m4cxr.ray_cluster import init_ray
+from m4cxr.train.lineage import lineage_problems, read_metrics, restart_costs, surviving_rows
 
 STAGES = ("pretrain", "instruction")
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def tokenizer_dir(exp: Experiment, corpus_dir: str | Path) -> str:
@@ -57,17 +51,24 @@ def prepare_tokenizer(exp: Experiment, corpus_dir: str | Path) -> str:
     return str(path)
 
 
+def capacity_retries(wait_s: float) -> int:
+    """Ray Train's controller_failure_limit for a wait of `wait_s` seconds: each attempt to
+    place the workers waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default)."""
+    if wait_s <= 0:
+        return -1  # no limit
+    attempt_s = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60))
+    return max(1, math.ceil(wait_s / attempt_s))
+
+
 def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoint: str | None = None,
-              run_name: str | None = None, inject_failure_at: int = -1, callbacks: list | None = None,
-              stop_file: str | None = None) -> dict:
-    """Train one stage; `inject_failure_at` makes the worker fail once at that step (to check
-    that a run recovers from its last checkpoint); `callbacks` are Ray Train callbacks (a sweep
-    passes Tune's report callback); the workers end early once `stop_file` exists."""
-    from ray.data import ExecutionOptions
+              run_name: str | None = None, callbacks: list | None = None, stop_file: str | None = None) -> dict:
+    """Train one stage; `callbacks` are Ray Train callbacks (a sweep passes Tune's report
+    callback); the workers end early once `stop_file` exists."""
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from m4cxr.data.pipeline import train_stream, validation_set
+    from m4cxr.data.pipeline import validation_set
     from m4cxr.train.loop import train_loop_per_worker
 
     if stage not in STAGES:
@@ -80,45 +81,49 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
     name = run_name or f"{exp.name}-{stage}"
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    marker = str(run_dir / "stream_position.json")
     tokens_per_image = exp.model.projector.num_query_tokens
-    total = st.training_steps * st.global_batch_size
-    datasets = {
-        "train": train_stream(exp, stage, corpus_dir, tok_dir, tokens_per_image, total, marker),
-        "val": validation_set(exp, stage, corpus_dir, tok_dir, tokens_per_image),
-    }
+    DataContext.get_current().enable_progress_bars = False  # the workers' step lines are the progress
     config = {"experiment": to_dict(exp), "source": exp.source, "stage": stage, "tokenizer_dir": tok_dir,
-              "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else "", "marker": marker, "run_dir": str(run_dir),
-              "final_dir": str(run_dir / "final"), "inject_failure_at": inject_failure_at,
-              "stop_file": str(stop_file or "")}
+              "corpus_dir": corpus_dir, "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else "",
+              "run_dir": str(run_dir), "final_dir": str(run_dir / "final"), "stop_file": str(stop_file or "")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker={"CPU": exp.train.cpus_per_worker,
-                                                           **({"GPU": 1} if exp.train.use_gpu else {})}),
+                                                           **({"GPU": 1} if exp.train.use_gpu else {})},
+                                     placement_strategy=exp.train.placement_strategy),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=exp.train.max_failures),
+                             failure_config=FailureConfig(
+                                 max_failures=exp.train.max_failures,
+                                 controller_failure_limit=capacity_retries(exp.train.capacity_wait_s)),
                              callbacks=callbacks or []),
-        datasets=datasets,
-        # the training stream keeps its order, so a run is reproducible and resumable
-        dataset_config=DataConfig(datasets_to_split=["train"],
-                                  execution_options={"train": ExecutionOptions(preserve_order=True),
-                                                     "val": ExecutionOptions(preserve_order=True)}),
+        datasets={"val": validation_set(exp, stage, corpus_dir, tok_dir, tokens_per_image)},
+        dataset_config=DataConfig(datasets_to_split=[], execution_options={"val": ExecutionOptions(preserve_order=True)}),
     )
     started = time.time()
     result = trainer.fit()
     if result.error:
         raise result.error
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = history[-1]
+    rows = read_metrics(run_dir)
+    last = surviving_rows(rows)[-1]
+    restarts = restart_costs(rows)
+    for r in restarts:
+        print(f"[{stage}] restart: resumed from the step-{r['resumed_from_step']} checkpoint, "
+              f"{r['steps_trained_again']} step(s) trained again, {r['seconds_lost']} s lost", flush=True)
+    problems = [] if stop_file and Path(stop_file).exists() else lineage_problems(rows, st.training_steps,
+                                                                                  st.global_batch_size)
+    if problems:  # a run must never end with stream positions untrained or trained twice
+        raise RuntimeError(f"{run_dir}/metrics.jsonl: incomplete stream lineage: {'; '.join(problems[:3])}")
     summary = {
         "stage": stage, "steps": last["step"], "val_loss_first": last["val_loss_first"],
         "val_loss_last": last.get("val_loss"), "loss_last": last["loss"],
         "stopped_early": bool(stop_file) and Path(stop_file).exists(),
         "nonpad_token_share": round(last["nonpad_token_share"], 4), "skipped_samples": last["skipped_samples"],
         "checkpoint": config["final_dir"], "run_dir": str(run_dir), "seconds": round(time.time() - started, 1),
+        "restarts": len(restarts), "steps_trained_again": sum(r["steps_trained_again"] for r in restarts),
+        "seconds_lost": round(sum(r["seconds_lost"] for r in restarts), 1), "restart_costs": restarts,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
