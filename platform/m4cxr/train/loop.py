@@ -77,6 +77,8 @@ def lora_differs(model, exp) -> bool:
 def train_loop_per_worker(config: dict) -> None:
     import logging
 
+    import ray
+    import ray.data
     import ray.train
     import ray.train.torch
 
@@ -94,6 +96,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     say = (lambda msg: print(f"[{stage_name}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    print(f"[{stage_name}] worker {rank} of {world} on node {ray.get_runtime_context().get_node_id()[:12]} "
+          f"(node rank {ctx.get_node_rank()})", flush=True)
 
     micro = exp.train.micro_batch_size
     if stage.global_batch_size % (micro * world):
@@ -150,7 +154,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     core = model
     if engine is None and world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
+        # a micro-batch without images (text-only tasks) leaves the vision tower without gradients
+        # on that rank while another rank's has them: DDP must look for unused parameters
+        model = ray.train.torch.prepare_model(model, move_to_device=False,
+                                              parallel_strategy_kwargs={"find_unused_parameters": True})
 
     def forward(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and exp.train.precision == "bf16"):
@@ -159,15 +166,16 @@ def train_loop_per_worker(config: dict) -> None:
         return token_losses(out.logits, batch["labels"].to(device))
 
     pad_id = core.tokenizer.pad_token_id
-    val_batches = []
-    for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=micro * 4, batch_format="numpy"):
-        batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.model.image_mean,
-                                      exp.model.image_std)
-        for e in stats["errors"]:
-            say(f"validation sample skipped: {e}")
-        val_batches += batches
+    val_batches: list[dict] = []
 
     def validate() -> float:
+        if not val_batches:  # read when first needed: a restarted worker may not validate until the end
+            for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=micro * 4, batch_format="numpy"):
+                batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.model.image_mean,
+                                              exp.model.image_std)
+                for e in stats["errors"]:
+                    say(f"validation sample skipped: {e}")
+                val_batches.extend(batches)
         core.eval()
         total, count = 0.0, 0
         with torch.no_grad():
