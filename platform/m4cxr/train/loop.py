@@ -285,16 +285,28 @@ def train_loop_per_worker(config: dict) -> None:
                                 "scheduler": scheduler.state_dict(), "step": step,
                                 "history": history, "errors_seen": errors_seen, "rows_seen": rows_seen,
                                 "val_loss_first": val_first}, Path(tmp) / STATE_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+                # with DeepSpeed every rank's shard goes into the checkpoint (Ray merges the folders)
+                keeps = rank == 0 or engine is not None
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if keeps else None)
         elif step % exp.train.log_every == 0:
             ray.train.report(metrics)
     if stopped:
         return
     if step < stage.training_steps:
         raise RuntimeError(f"the training stream ended at step {step} of {stage.training_steps}")
-    if rank == 0:
-        save_checkpoint(core, exp, config["final_dir"])
-        say(f"final model: {config['final_dir']}")
+    with gathered_weights(engine, core):  # ZeRO-3 holds each weight in pieces across the ranks
+        if rank == 0:
+            save_checkpoint(core, exp, config["final_dir"])
+            say(f"final model: {config['final_dir']}")
+
+
+def gathered_weights(engine, model):
+    """Under ZeRO-3, a context in which every rank holds the full weights; otherwise nothing."""
+    if engine is None or engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 def deepspeed_engine(exp, model, optimizer, scheduler, micro: int, accum: int, on_gpu: bool):
