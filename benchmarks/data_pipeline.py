@@ -51,7 +51,7 @@ def throughput(exp, tok_dir, n: int) -> dict:
     corpus = exp.data.corpus_dir
     tpi = exp.model.projector.num_query_tokens
     mixture = stage_mixture(exp, "instruction", corpus)
-    drawn = draw_rows({"data": np.arange(n)}, mixture, pair_rows(corpus, mixture))
+    drawn = draw_rows({"positions": [np.arange(n)]}, mixture, pair_rows(corpus, mixture))
     prep = PrepareSamples(**prepare_args(exp, corpus, "train", tok_dir, tpi, "instruction"))
     rows = drawn["row"]
 

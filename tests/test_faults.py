@@ -42,7 +42,7 @@ def check_recovered(run_dir, summary, restarts: int, batch=BATCH):
         assert cost["resumed_from_step"] % 4 == 0  # a checkpoint step
         resumed = next(r for r in rows if r["resumed_from"] == cost["resumed_from_step"])
         if cost["resumed_from_step"]:
-            assert resumed["loss"] < rows[0]["loss"] - 0.3
+            assert resumed["loss"] < rows[0]["loss"] - 0.2  # not the untrained model's loss
     return rows
 
 

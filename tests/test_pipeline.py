@@ -27,13 +27,13 @@ def test_draw_is_resumable_and_workers_share_each_step(setup, tmp_path):
     exp, corpus, _ = setup
     mixture = stage_mixture(exp, "instruction", corpus)
     rows_by_pair = pair_rows(corpus, mixture)
-    full = draw_rows({"data": np.arange(0, 100)}, mixture, rows_by_pair)
+    full = draw_rows({"positions": [np.arange(0, 100)]}, mixture, rows_by_pair)
     assert (full["position"] == np.arange(100)).all()
     tasks = read_sample_table(corpus, "train").column("task").to_pylist()
     drawn_tasks = {tasks[r] for r in full["row"]}
     assert len(drawn_tasks) > 8  # the stream mixes many tasks
     # a stream resumed at position 40 draws the same samples as the full stream did there
-    resumed = draw_rows({"data": np.arange(40, 100)}, mixture, rows_by_pair)
+    resumed = draw_rows({"positions": [np.arange(40, 100)]}, mixture, rows_by_pair)
     assert (resumed["row"] == full["row"][40:]).all()
     # step s trains positions [8s, 8s+8): worker r of 2 the r-th half; resumed after step 3
     assert worker_positions(3, 5, 8, 0, 2).tolist() == [24, 25, 26, 27, 32, 33, 34, 35]
@@ -43,7 +43,7 @@ def test_draw_is_resumable_and_workers_share_each_step(setup, tmp_path):
         worker_positions(0, 5, 8, 0, 3)
     # stage 1 draws report samples only
     pre = stage_mixture(exp, "pretrain", corpus)
-    rows = draw_rows({"data": np.arange(50)}, pre, pair_rows(corpus, pre))["row"]
+    rows = draw_rows({"positions": [np.arange(50)]}, pre, pair_rows(corpus, pre))["row"]
     assert {tasks[r] for r in rows} == {"single_image"}
 
 

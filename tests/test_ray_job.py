@@ -50,7 +50,15 @@ class LocalCluster:
         return node
 
     def kill_node(self, node: subprocess.Popen) -> None:
+        """SIGKILL every process of the node at once: its session and every descendant of its
+        `ray start` (the raylet's workers may sit in process groups of their own)."""
+        doomed = descendants(node.pid)
         os.killpg(node.pid, signal.SIGKILL)
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         node.wait(timeout=30)
 
     def alive_nodes(self) -> int:
@@ -64,6 +72,23 @@ class LocalCluster:
                 os.killpg(node.pid, signal.SIGKILL)
         subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.fixture()
@@ -128,8 +153,15 @@ def test_job_on_two_nodes_survives_a_lost_node(cluster, synthetic_corpus, tmp_pa
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = read_metrics(run_dir)
     assert lineage_problems(rows, 16, 4) == [] and summary["steps"] == 16 and summary["skipped_samples"] == 0
-    assert summary["restarts"] == 1 and summary["restart_costs"][0]["resumed_from_step"] in (0, 4)
+    cost = summary["restart_costs"]
+    assert summary["restarts"] == 1 and cost[0]["resumed_from_step"] % 4 == 0 and cost[0]["resumed_from_step"] < 16
     assert summary["seconds_lost"] >= 2 * ATTEMPT_S  # the wait for the replacement is counted
-    resumed = next(r for r in rows if r["step"] == 5 and r["time"] > killed_at)
-    assert resumed["loss"] == pytest.approx(next(r for r in rows if r["step"] == 5)["loss"], rel=1e-3)
+    # the loss continues from the restored step: a step trained before and after the loss of the
+    # node gives the same loss (same weights, same samples)
+    first = next(r for r in rows if r["time"] > killed_at and r["resumed_from"] == cost[0]["resumed_from_step"]
+                 and r["step"] == cost[0]["resumed_from_step"] + 1)
+    before = [r for r in rows if r["step"] == first["step"] and r["time"] < first["time"]]
+    if before:
+        assert first["loss"] == pytest.approx(before[0]["loss"], rel=1e-3)
+    assert first["loss"] < rows[0]["loss"] or first["step"] == 1
     assert (run_dir / "final/projector.safetensors").exists()

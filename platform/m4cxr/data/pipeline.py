@@ -68,8 +68,9 @@ def worker_positions(first_step: int, last_step: int, global_batch: int, rank: i
 
 
 def draw_rows(batch: dict[str, np.ndarray], mixture: Mixture, rows_by_pair: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Stream positions -> sample rows; the same position always draws the same sample."""
-    positions = np.asarray(batch["data"], dtype=np.int64)
+    """Chunks of stream positions -> one row per position with its sample row; the same position
+    always draws the same sample."""
+    positions = np.concatenate([np.asarray(c, dtype=np.int64) for c in batch["positions"]] or [np.zeros(0, np.int64)])
     pair_idx, within = mixture.draw_at(positions)
     rows = np.array([rows_by_pair[p][int(u * len(rows_by_pair[p]))] for p, u in zip(pair_idx, within)], dtype=np.int64)
     return {"position": positions, "row": rows}
@@ -168,9 +169,10 @@ def train_stream(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: st
     mixture = stage_mixture(exp, stage, corpus_dir)
     rows_by_pair = pair_rows(corpus_dir, mixture)
     positions = np.asarray(positions, dtype=np.int64)
-    blocks = max(1, min(500, len(positions) // 1024))  # few, large draw tasks: each task costs scheduling time
-    # positions as in-memory blocks (no read task: on a small machine every CPU is spoken for)
-    ds = ray.data.from_numpy(np.array_split(positions, blocks))
+    chunks = max(1, min(500, len(positions) // 1024))  # few, large draw tasks: each task costs scheduling time
+    # the positions as in-memory rows, one chunk each: from_items starts no task (from_numpy's
+    # 1-CPU tasks would wait forever where the Train workers hold all but a fraction of a CPU)
+    ds = ray.data.from_items([{"positions": c} for c in np.array_split(positions, chunks)], override_num_blocks=chunks)
     ds = ds.map_batches(draw_rows, fn_kwargs={"mixture": mixture, "rows_by_pair": rows_by_pair},
                         batch_size=None, num_cpus=0.1)
     return _preprocess(ds, exp, prepare_args(exp, corpus_dir, "train", tokenizer_dir, tokens_per_image, stage))
