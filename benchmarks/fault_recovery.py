@@ -56,15 +56,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attempts, current = [], []
-    for i, r in enumerate(rows):
-        if current and (r["step"] <= rows[i - 1]["step"] or r["resumed_from"] != rows[i - 1]["resumed_from"]):
-            attempts.append(current)
-            current = []
-        current.append(r)
-    attempts.append(current)
+    from m4cxr.train.lineage import attempts
+
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for k, att in enumerate(attempts):
+    for k, att in enumerate(attempts(rows)):
         ax.plot([r["step"] for r in att], [r["loss"] for r in att], marker="o", ms=3,
                 label=f"attempt {k + 1} (from step {att[0]['resumed_from']})", alpha=0.8)
     ax.set_xlabel("step")

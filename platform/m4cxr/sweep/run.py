@@ -99,6 +99,10 @@ class TrialReportCallback(TuneReportCallback):
         item = dict(metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {}))
         while not Path(self.stop_file).exists():
             try:
+                # Private to Ray 2.60's TuneReportCallback (no public way to drop a report for a
+                # stopped trial). Kept only while early-stopping sweeps run one trial at a time:
+                # with Ray's stock callback and two ASHA trials side by side on one node, later
+                # trials' workers waited forever for CPUs (seen on Ray 2.60; no Ray issue found).
                 self._training_actor_item_queue.put(item, timeout=1.0)
                 return
             except Full:
@@ -108,7 +112,8 @@ class TrialReportCallback(TuneReportCallback):
 def watch_for_stop(stop_file: Path) -> None:
     """When Tune stops this trial (ASHA), write the stop file: the Train workers see it and end,
     which frees their CPUs or GPUs for the next trial. Tune's stop is an event on the trial's
-    session (the same private session TuneReportCallback uses)."""
+    session (the same private session TuneReportCallback uses). Private to Ray 2.60, kept for
+    the reason given in TrialReportCallback."""
     from ray.train._internal.session import get_session
 
     session = get_session()

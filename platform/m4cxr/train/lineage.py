@@ -49,20 +49,29 @@ def lineage_problems(rows: list[dict], steps: int, global_batch: int) -> list[st
     return problems
 
 
+def attempts(rows: list[dict]) -> list[list[dict]]:
+    """The rows split by attempt: a new one starts where the step does not go up or
+    `resumed_from` changes."""
+    out: list[list[dict]] = []
+    for i, row in enumerate(rows):
+        if not out or row["step"] <= rows[i - 1]["step"] or row["resumed_from"] != rows[i - 1]["resumed_from"]:
+            out.append([])
+        out[-1].append(row)
+    return out
+
+
 def restart_costs(rows: list[dict]) -> list[dict]:
     """Per restart: the checkpoint step it resumed from, the steps trained again, and the
     seconds lost: from the restored step's row to the first row after it, less one ordinary
     step (the time a run without the failure would have spent there)."""
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:]) if b["step"] == a["step"] + 1]
     step_s = statistics.median(times) if times else 0.0
-    costs = []
-    for i, row in enumerate(rows[1:], 1):
-        prev = rows[i - 1]
-        if row["step"] > prev["step"] and row["resumed_from"] == prev["resumed_from"]:
-            continue
-        resumed = row["step"] - 1
-        before = [r for r in rows[:i] if r["step"] == resumed]
-        since = before[-1]["time"] if before else prev["time"]
-        costs.append({"resumed_from_step": resumed, "steps_trained_again": max(0, prev["step"] - resumed),
+    costs, earlier = [], []
+    for previous, attempt in zip(runs := attempts(rows), runs[1:]):
+        earlier += previous
+        row, resumed = attempt[0], attempt[0]["step"] - 1
+        before = [r for r in earlier if r["step"] == resumed]
+        since = before[-1]["time"] if before else previous[-1]["time"]
+        costs.append({"resumed_from_step": resumed, "steps_trained_again": max(0, previous[-1]["step"] - resumed),
                       "seconds_lost": round(max(0.0, row["time"] - since - step_s), 1)})
     return costs
