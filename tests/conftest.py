@@ -36,3 +36,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture()
+def cluster():
+    """A local two-or-more-node Ray cluster (tests/local_cluster.py), stopped after the test."""
+    from local_cluster import LocalCluster
+
+    c = LocalCluster()
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -15,7 +15,7 @@ import pytest
 from m4cxr.config import ConfigError, load_experiment
 from m4cxr.data.mixture import build_mixture, pairs_from_config
 from m4cxr.sweep.report import pareto_front
-from m4cxr.sweep.run import check_objectives
+from m4cxr.sweep.run import check_objectives, check_same_sweep, searcher_and_scheduler, trial_resources
 from m4cxr.sweep.space import apply_params, distributions, pair_param
 
 from conftest import ROOT
@@ -59,6 +59,52 @@ def test_pareto_front():
             {"status": "completed", "a": 0.1, "b": 0.9}]
     assert pareto_front(rows, {"a": "max", "b": "max"}) == [0, 1, 4]
     assert pareto_front(rows, {"a": "min", "b": "max"}) == [4]
+
+
+def test_asha_stops_weak_trials_before_their_last_step_only(tmp_path):
+    """ASHA's rungs fall before a trial's last step: a weak trial is stopped at a rung, and a
+    trial that trained to the end is never stopped there (it is always validated)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    exp = load_experiment(ROOT / "experiments/sweeps/quickstart_asha.yaml")
+    _, asha = searcher_and_scheduler(exp, tmp_path / "study")
+    good, weak, late = (SimpleNamespace(trial_id=name) for name in ("good", "weak", "late"))
+    for trial in (good, weak, late):
+        asha.on_trial_add(None, trial)
+
+    def report(trial, step, val_loss):
+        return asha.on_trial_result(None, trial, {"step": step, "val_loss": val_loss})
+
+    steps = exp.tune.trial_steps
+    assert [report(good, s, 1.0) for s in range(exp.tune.eval_every, steps + 1, exp.tune.eval_every)] == \
+        [TrialScheduler.CONTINUE] * (steps // exp.tune.eval_every)
+    assert report(weak, exp.tune.grace_period, 9.0) == TrialScheduler.STOP
+    # through the rungs, then worse than every other trial at its last step: it goes on to its
+    # validation (a rung at the last step would stop it there, its training done for nothing)
+    assert [report(late, s, 1.0) for s in range(exp.tune.eval_every, steps, exp.tune.eval_every)] == \
+        [TrialScheduler.CONTINUE] * (steps // exp.tune.eval_every - 1)
+    assert report(late, steps, 9.0) == TrialScheduler.CONTINUE
+    with pytest.raises(ValueError, match="grace_period"):
+        check_objectives(load_experiment(ROOT / "experiments/sweeps/quickstart_asha.yaml", ["tune.grace_period=40"]))
+
+
+def test_two_quickstart_asha_trials_fit_on_two_cores():
+    need = trial_resources(load_experiment(ROOT / "experiments/sweeps/quickstart_asha.yaml"))
+    assert set(need) == {"CPU"} and 2 * need["CPU"] <= 2.0
+    paper = trial_resources(load_experiment(ROOT / "experiments/sweeps/mixture_single.yaml"))
+    assert paper["GPU"] == 4  # 4 trials of 4 GPUs on a 16-GPU cluster
+
+
+def test_a_sweep_continued_with_other_settings_is_refused(tmp_path):
+    from m4cxr.config import to_dict
+
+    exp = load_experiment(SWEEP)
+    (tmp_path / "sweep_experiment.json").write_text(json.dumps(to_dict(exp)))
+    check_same_sweep(load_experiment(SWEEP, ["tracking.log_to=[mlflow]"]), tmp_path)  # tracking may change
+    with pytest.raises(ValueError, match=r"1 differ: tune.trial_steps: 40 -> 80.*another --name"):
+        check_same_sweep(load_experiment(SWEEP, ["tune.trial_steps=80"]), tmp_path)
 
 
 def completed_trials(sweep_dir):
@@ -105,7 +151,8 @@ def test_interrupted_sweep_continues_and_its_winner_trains(synthetic_corpus, tmp
     best = summary["best_experiment"]
     assert load_experiment(best).name == "quickstart-best"
     short = ["--set", "train.instruction.training_steps=3", "--set", "train.instruction.max_steps=3",
-             "--set", f"train.output_dir={tmp_path / 'best'}", "--set", "train.val_samples=4"]
+             "--set", f"train.output_dir={tmp_path / 'best'}", "--set", "train.val_samples=4",
+             "--set", "tracking.log_to=[mlflow, tensorboard]"]
     train = subprocess.run([sys.executable, "-m", "m4cxr.cli", "train", "--stage", "instruction", "--config", best,
                             *short], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
@@ -113,7 +160,38 @@ def test_interrupted_sweep_continues_and_its_winner_trains(synthetic_corpus, tmp
     assert (checkpoint / "m4cxr.json").is_file()
     ev = subprocess.run([sys.executable, "-m", "m4cxr.cli", "eval", "--config", best, "--checkpoint", str(checkpoint),
                          "--out", str(tmp_path / "best_eval"), "--set", "eval.samples_per_task=2",
-                         "--set", "eval.max_new_tokens=8", "--set", "eval.bootstrap_samples=10"],
+                         "--set", "eval.max_new_tokens=8", "--set", "eval.bootstrap_samples=10",
+                         "--set", f"train.output_dir={tmp_path / 'best'}", "--set", "tracking.log_to=[mlflow]"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
     assert "## Table 1" in (tmp_path / "best_eval/tables.md").read_text()
+
+    # both runs are in MLflow's local store under train.output_dir, read back with its client
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'best/mlflow.db'}")
+    experiment = client.get_experiment_by_name("quickstart-best")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    trained = runs["quickstart-best-instruction"]
+    assert trained.data.params["train.instruction.training_steps"] == "3"
+    assert trained.data.params["model.lora.r"] == str(load_experiment(best).model.lora.r)
+    assert trained.data.tags["checkpoint"] == str(checkpoint.resolve())
+    history = client.get_metric_history(trained.info.run_id, "loss")
+    logged = [json.loads(line) for line in (tmp_path / "best/quickstart-best-instruction/metrics.jsonl").open()]
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(r["step"], round(r["loss"], 6)) for r in logged]
+    assert {"lr", "samples_per_s", "nonpad_token_share", "val_loss"} <= set(trained.data.metrics)
+    by_type = {k for k in logged[-1] if k.startswith("loss_")}
+    assert by_type and by_type <= set(trained.data.metrics)  # loss by task type
+    # the same curve in TensorBoard's event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "best/quickstart-best-instruction/tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    assert [e.step for e in scalars] == [r["step"] for r in logged]
+    assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in logged], rel=1e-5)  # float32
+    scored = json.loads((tmp_path / "best_eval/metrics.json").read_text())
+    evaluation = runs["eval-quickstart-best-instruction"]
+    assert evaluation.data.params["checkpoint"] == str(checkpoint.resolve())
+    grounding = scored["grounding"]["phrase_grounding"]["mIoU"]
+    assert evaluation.data.metrics["grounding.phrase_grounding.mIoU"] == pytest.approx(grounding)

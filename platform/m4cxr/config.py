@@ -1,6 +1,6 @@
 """Experiment files: YAML -> a typed, validated config.
 
-An experiment file has the sections data, model, train, eval, tune and serve. Every key is
+An experiment file has the sections data, model, train, eval, tune, tracking and serve. Every key is
 checked against the dataclasses below: an unknown key or a value of the wrong type is an error
 that names the key, the file and (for unknown keys) the closest valid key. Command-line
 overrides use dotted paths: `--set train.instruction.lr=2e-4`.
@@ -204,6 +204,10 @@ class SearchSpace:
 @dataclass
 class TuneConfig:
     num_trials: int = 4
+    # trials side by side. A trial holds its driver (cpus_per_trial), then its Train workers
+    # (train.num_workers x train.cpus_per_worker, 1 GPU each on GPU) with their preprocessing
+    # actors, then its evaluation actors; N trials need N x that. 0: as many as the cluster
+    # holds when the sweep starts
     max_concurrent_trials: int = 1
     # multi: NSGA-II over `objectives` at once (a Pareto front); single: TPE on their weighted
     # sum, with ASHA stopping trials early on validation loss
@@ -223,10 +227,19 @@ class TuneConfig:
     grace_period: int = 25  # steps before ASHA may stop a trial
     reduction_factor: int = 2
     cpus_per_trial: float = 0.05  # the trial's driver only: its workers and actors ask for their own
-    log_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
-    mlflow_tracking_uri: str = ""
+    # where the Optuna study lives (any SQLAlchemy URL); "" = an SQLite file optuna.db in the
+    # sweep's folder, which optuna-dashboard and optuna.load_study read
+    optuna_storage: str = ""
     output_dir: str = "runs/sweeps"
     space: SearchSpace = field(default_factory=SearchSpace)
+
+
+@dataclass
+class TrackingConfig:
+    # where training runs, evaluations and sweep trials are logged (pip install -e '.[dev]'):
+    # MLflow runs and/or TensorBoard event files
+    log_to: list[Literal["mlflow", "tensorboard"]] = field(default_factory=list)
+    mlflow_tracking_uri: str = ""  # "" = a local SQLite store: <train.output_dir>/mlflow.db
 
 
 @dataclass
@@ -244,6 +257,7 @@ class Experiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     source: str = field(default="", metadata={"internal": True})  # the file it was read from
 

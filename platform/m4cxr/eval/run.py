@@ -45,6 +45,7 @@ def evaluate(exp: Experiment, checkpoint: str | Path, out: str | Path, corpus_di
     results["files"] = {"predictions": str(out / "predictions.parquet"), "tables": str(out / "tables.md"),
                         "report": str(page), "overlays": [str(p) for p in overlays]}
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    track(exp, results, out, checkpoint)
     print(tables)
     print(f"eval: done in {results['seconds']:.0f}s -> {page}")
     return results
@@ -70,3 +71,16 @@ def eval_summary(results: dict, exp: Experiment) -> dict:
     summary["hallucinated_comparison_rate"] = rates.get("single_image")
     summary["comparison_rate_by_scenario"] = rates
     return summary
+
+
+def track(exp: Experiment, results: dict, out: Path, checkpoint: str | Path) -> None:
+    """The evaluation as an MLflow run (tracking.log_to): its scores as metrics, the tables and
+    the report page as artifacts."""
+    from m4cxr.tracking import RunLog, flat_metrics
+
+    log = RunLog(exp, f"eval-{Path(checkpoint).resolve().parent.name}", out, kind="eval")
+    log.params({"checkpoint": str(Path(checkpoint).resolve()), "split": exp.eval.split, "corpus": results["corpus"]})
+    log.metrics(flat_metrics({k: v for k, v in results.items() if k != "files"}), step=0)
+    for name in ("tables.md", "metrics.json"):
+        log.artifact(out / name)
+    log.finish()

@@ -4,6 +4,7 @@
     pareto.png                   the objectives pairwise, the Pareto front in red
     importance.png               Optuna's parameter importances (its default, PED-ANOVA) for the first objective
     parallel_coordinate.png      Optuna's parallel-coordinate plot for the first objective
+    timeline.png                 when each trial trained, by status: trials side by side, early stops
     best_experiment.yaml         the experiment with the winner's settings, at full training length:
                                  `m4cxr train` and serving take it as it is
 The winner of a multi-objective sweep is the Pareto trial with the best weighted sum
@@ -13,6 +14,7 @@ The winner of a multi-objective sweep is the Pareto trial with the best weighted
 from __future__ import annotations
 
 import csv
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,55 @@ def optuna_plots(exp: Experiment, rows: list[dict], out: Path) -> dict[str, str]
     return paths
 
 
+def trial_spans(rows: list[dict], out: Path) -> dict[str, dict[str, tuple[float, float]]]:
+    """When each trial ran (from Tune's result.json: its start to its last report) and when it
+    trained (its first to its last step, from its metrics.jsonl), in seconds since the epoch."""
+    spans = {}
+    for r in rows:
+        tune_file, train_file = out / r["trial"] / "result.json", out / "trials" / r["trial"] / "metrics.jsonl"
+        reports = [json.loads(line) for line in tune_file.open() if line.strip()] if tune_file.is_file() else []
+        steps = [json.loads(line)["time"] for line in train_file.open() if line.strip()] if train_file.is_file() else []
+        if reports and steps:
+            first, last = reports[0], reports[-1]
+            spans[r["trial"]] = {"trial": (first["timestamp"] - first["time_total_s"], last["timestamp"]),
+                                 "training": (min(steps), max(steps))}
+    return spans
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of intervals that overlap at one moment."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])  # an end before a start
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def plot_timeline(rows: list[dict], spans: dict, path: Path) -> Path:
+    """A bar per trial: its whole run light, its training steps dark, coloured by status."""
+    colours = {"completed": "tab:green", "stopped early": "tab:orange", "error": "tab:red"}
+    start = min(s["trial"][0] for s in spans.values())
+    shown = sorted((r for r in rows if r["trial"] in spans), key=lambda r: spans[r["trial"]]["trial"][0])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.6))
+    for y, r in enumerate(shown):
+        colour = colours.get(r["status"], "grey")
+        (a, b), (c, d) = spans[r["trial"]]["trial"], spans[r["trial"]]["training"]
+        ax.barh(y, b - a, left=a - start, color=colour, alpha=0.3, height=0.8)
+        ax.barh(y, max(d - c, 0.5), left=c - start, color=colour, height=0.4)
+        ax.annotate(f"{r['steps']} steps", (b - start, y), xytext=(3, -3), textcoords="offset points", fontsize=7)
+    ax.set_yticks(range(len(shown)), [r["trial"] for r in shown], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the sweep's first trial started (dark: training steps; light: start-up, validation)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, list(colours), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"{len(shown)} trials, at most {most_at_once([s['trial'] for s in spans.values()])} side by side")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_outputs(exp: Experiment, grid, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(exp, grid)
@@ -142,6 +193,11 @@ def write_outputs(exp: Experiment, grid, out: Path) -> dict:
                                "stopped_early": sum(r["status"] == "stopped early" for r in rows),
                                "errors": sum(r["status"] == "error" for r in rows), "pareto_size": len(pareto),
                                "table": str(out / "results.md")}
+    spans = trial_spans(rows, out)
+    if spans:
+        summary["most_trials_at_once"] = most_at_once([s["trial"] for s in spans.values()])
+        summary["most_trials_training_at_once"] = most_at_once([s["training"] for s in spans.values()])
+        summary["timeline"] = str(plot_timeline(rows, spans, out / "timeline.png"))
     if not completed:
         print(f"sweep: no trial completed; see {out / 'results.md'}")
         return summary

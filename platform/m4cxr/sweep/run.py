@@ -18,12 +18,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from m4cxr.config import Experiment, experiment_from_dict, to_dict
@@ -41,6 +40,9 @@ def check_objectives(exp: Experiment) -> None:
             raise ValueError(f"{exp.source}: tune objective {name!r} is not known; choose from {list(OBJECTIVES)}")
     if t.objective == "single" and not any(t.weights.get(k) for k in t.objectives):
         raise ValueError(f"{exp.source}: a single-objective sweep needs tune.weights for its objectives")
+    if t.objective == "single" and t.early_stopping and not 0 < t.grace_period < t.trial_steps:
+        raise ValueError(f"{exp.source}: tune.grace_period ({t.grace_period}) must be between 0 and tune.trial_steps "
+                         f"({t.trial_steps}) for ASHA to stop trials early; or set tune.early_stopping=false")
 
 
 def trial_experiment(base: Experiment, params: dict[str, Any]) -> Experiment:
@@ -84,73 +86,6 @@ def weighted_objective(exp: Experiment, metrics: dict[str, float]) -> float:
                for k, mode in t.objectives.items())
 
 
-class TrialReportCallback(TuneReportCallback):
-    """Tune's report callback for a trial that a scheduler may stop: once the trial is stopped
-    (its stop file exists) nobody reads Tune's one-item queue any more, so reports are dropped
-    instead of blocking the Train run forever."""
-
-    def __init__(self, stop_file: str):
-        super().__init__()
-        self.stop_file = stop_file
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        from ray.util.queue import Full
-
-        item = dict(metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {}))
-        while not Path(self.stop_file).exists():
-            try:
-                # Private to Ray 2.60's TuneReportCallback (no public way to drop a report for a
-                # stopped trial). Kept only while early-stopping sweeps run one trial at a time:
-                # with Ray's stock callback and two ASHA trials side by side on one node, later
-                # trials' workers waited forever for CPUs (seen on Ray 2.60; no Ray issue found).
-                self._training_actor_item_queue.put(item, timeout=1.0)
-                return
-            except Full:
-                continue
-
-
-def watch_for_stop(stop_file: Path) -> None:
-    """When Tune stops this trial (ASHA), write the stop file: the Train workers see it and end,
-    which frees their CPUs or GPUs for the next trial. Tune's stop is an event on the trial's
-    session (the same private session TuneReportCallback uses). Private to Ray 2.60, kept for
-    the reason given in TrialReportCallback."""
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-
-    def wait() -> None:
-        session.stop_event.wait()
-        stop_file.parent.mkdir(parents=True, exist_ok=True)
-        stop_file.write_text("stopped by the sweep's scheduler\n")
-
-    threading.Thread(target=wait, daemon=True).start()
-
-
-def release_stopped_trials(exp: Experiment) -> int:
-    """Remove the worker placement groups that trials stopped early left behind.
-
-    When ASHA stops a trial, Tune ends the trial's actor, and with it the Train controller, but
-    the placement group of its workers (owned by the sweep's driver) stays reserved on Ray 2.60,
-    so the next trial would wait for it forever. Sweeps that stop trials run one trial at a
-    time, so at the start of a trial any worker-shaped placement group but its own is a leftover.
-    """
-    import ray.util
-    from ray.util.placement_group import PlacementGroup
-
-    own = ray.util.get_current_placement_group()
-    worker = {"CPU": float(exp.train.cpus_per_worker), **({"GPU": 1.0} if exp.train.use_gpu else {})}
-    removed = 0
-    for pg_id, info in ray.util.placement_group_table().items():
-        if info["state"] != "CREATED" or (own is not None and pg_id == own.id.hex()):
-            continue
-        if all({k: float(v) for k, v in b.items()} == worker for b in info["bundles"].values()):
-            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-            removed += 1
-    if removed:
-        print(f"sweep: released {removed} placement group(s) of trials stopped early")
-    return removed
-
-
 def run_trial(params: dict[str, Any], base: dict, source: str, corpus_dir: str, sweep_dir: str) -> None:
     """One trial, run by Tune: fine-tune with the trial's settings, then measure the objectives."""
     import ray.tune
@@ -160,16 +95,13 @@ def run_trial(params: dict[str, Any], base: dict, source: str, corpus_dir: str, 
     exp = trial_experiment(experiment_from_dict(copy.deepcopy(base), source), params)
     exp.train.output_dir = str(Path(sweep_dir) / "trials")
     name = ray.tune.get_context().get_trial_name()
-    stop_file = Path(sweep_dir) / "trials" / name / "STOP"
-    stop_file.unlink(missing_ok=True)  # a resumed trial runs on
-    watch_for_stop(stop_file)
-    if exp.tune.objective == "single" and exp.tune.early_stopping:
-        release_stopped_trials(exp)
     init = exp.tune.init_checkpoint or None
+    # Tune's own callback takes the Train reports to Tune (ASHA's signal). When ASHA stops the
+    # trial, Tune ends this actor and with it the Train controller; Ray Train's placement-group
+    # cleaner (through the State API of the dashboard) then frees the workers' CPUs or GPUs for
+    # the next trial.
     summary = run_stage(exp, "instruction", corpus_dir, init_checkpoint=init, run_name=name,
-                        callbacks=[TrialReportCallback(str(stop_file))], stop_file=str(stop_file))
-    if summary["stopped_early"]:
-        return
+                        callbacks=[TuneReportCallback()], track=False)
     metrics = validation_objectives(exp, summary["checkpoint"], corpus_dir,
                                     Path(summary["run_dir"]) / "validation_predictions.parquet")
     metrics["val_loss"] = float(summary["val_loss_last"])
@@ -191,12 +123,20 @@ def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def searcher_and_scheduler(exp: Experiment):
+def optuna_storage(exp: Experiment, sweep_dir: Path) -> str:
+    return exp.tune.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+
+
+def searcher_and_scheduler(exp: Experiment, sweep_dir: Path):
+    """The Optuna searcher, its study in Optuna's own storage under the sweep's name, and ASHA
+    for single-objective sweeps."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler
 
     from m4cxr.sweep.space import DefineByRun
 
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    study = {"storage": optuna.storages.RDBStorage(optuna_storage(exp, sweep_dir)), "study_name": sweep_dir.name}
     t = exp.tune
     multi = t.objective == "multi"
     kind = t.sampler if t.sampler != "auto" else ("nsga2" if multi else "tpe")
@@ -207,23 +147,31 @@ def searcher_and_scheduler(exp: Experiment):
         sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=max(1, min(10, t.num_trials // 2)))
     if multi:
         search = FinalResultOptunaSearch(space=DefineByRun(t.space), metric=list(t.objectives),
-                                     mode=list(t.objectives.values()), sampler=sampler)
+                                         mode=list(t.objectives.values()), sampler=sampler, **study)
         return search, None
-    search = FinalResultOptunaSearch(space=DefineByRun(t.space), metric=SINGLE, mode="max", sampler=sampler)
+    search = FinalResultOptunaSearch(space=DefineByRun(t.space), metric=SINGLE, mode="max", sampler=sampler, **study)
+    if not t.early_stopping:
+        return search, None
+    # ASHA's rungs sit at grace_period x reduction_factor^k below max_t. max_t one step short of
+    # the trial's length keeps every rung before its last step, so a trial that trained to the
+    # end is always validated; stop_last_trials=False keeps Tune from ending it at max_t.
     scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", grace_period=t.grace_period,
-                              reduction_factor=t.reduction_factor,
-                              max_t=t.trial_steps + 1) if t.early_stopping else None  # +1: never stop the final report
+                              reduction_factor=t.reduction_factor, max_t=t.trial_steps - 1, stop_last_trials=False)
     return search, scheduler
 
 
 def logger_callbacks(exp: Experiment, sweep_dir: Path) -> list:
+    """Tune's own loggers for tracking.log_to: each trial a run of the MLflow experiment named
+    after the sweep, and TensorBoard event files in the trials' folders."""
+    from m4cxr.tracking import metric_key, mlflow_experiment, mlflow_uri
+
     out = []
-    for name in exp.tune.log_to:
+    for name in exp.tracking.log_to:
         if name == "tensorboard":
             try:
                 import tensorboardX  # noqa: F401
             except ImportError as err:
-                raise ImportError("tune.log_to has tensorboard but tensorboardX is not installed: "
+                raise ImportError("tracking.log_to has tensorboard but tensorboardX is not installed: "
                                   "pip install tensorboardX") from err
             from ray.tune.logger import TBXLoggerCallback
 
@@ -232,12 +180,86 @@ def logger_callbacks(exp: Experiment, sweep_dir: Path) -> list:
             try:
                 import mlflow  # noqa: F401
             except ImportError as err:
-                raise ImportError("tune.log_to has mlflow but mlflow is not installed: pip install mlflow") from err
+                raise ImportError("tracking.log_to has mlflow but mlflow is not installed: pip install mlflow") from err
+            from mlflow import MlflowClient
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-            uri = exp.tune.mlflow_tracking_uri or f"file://{sweep_dir / 'mlruns'}"
-            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=sweep_dir.name))
+            class TrialsToMLflow(MLflowLoggerCallback):
+                """Tune's MLflow logger, with metric names MLflow accepts (acc@0.5 -> acc_0.5)."""
+
+                def log_trial_result(self, iteration, trial, result):
+                    super().log_trial_result(iteration, trial, {metric_key(k): v for k, v in result.items()})
+
+            mlflow_experiment(MlflowClient(tracking_uri=mlflow_uri(exp)), exp, sweep_dir.name)
+            out.append(TrialsToMLflow(tracking_uri=mlflow_uri(exp), experiment_name=sweep_dir.name))
     return out
+
+
+class Passthrough:
+    def __call__(self, batch):
+        return batch
+
+
+def start_ray_data_helpers() -> None:
+    """Run one tiny Ray Data actor job from the sweep's driver before any trial starts.
+
+    Ray Data makes its cluster-wide helper actors (ActorLocationTracker, _StatsActor, detached)
+    from whichever process first runs a dataset. Made from inside a trial they join the trial's
+    placement group (Tune captures child tasks), so the first trial that ASHA stops takes them
+    down and every running trial's data stream fails with ActorUnschedulableError (seen on Ray
+    2.60 with two trials side by side). Made here, they live outside every trial.
+    """
+    import ray.data
+
+    ray.data.range(1).map_batches(Passthrough, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.01).take_all()
+
+
+def trial_resources(exp: Experiment) -> dict[str, float]:
+    """What one trial holds at its peak. Tune reserves only the trial's driver
+    (tune.cpus_per_trial); its Train workers and their preprocessing actors reserve their own
+    while it trains, then its evaluation actors while it validates."""
+    t, train, data, ev = exp.tune, exp.train, exp.data, exp.eval
+    training = train.num_workers * (train.cpus_per_worker + data.preprocess_actors * data.preprocess_cpus)
+    need = {"CPU": t.cpus_per_trial + max(training, ev.actors * ev.cpus_per_actor)}
+    if train.use_gpu or ev.use_gpu:
+        need["GPU"] = float(max(train.num_workers if train.use_gpu else 0, ev.actors if ev.use_gpu else 0))
+    return need
+
+
+def trials_side_by_side(exp: Experiment) -> int:
+    """tune.max_concurrent_trials, or for 0 as many trials as the cluster's CPUs and GPUs hold
+    now. A fixed number larger than that is kept (an autoscaling cluster adds nodes for the
+    waiting trials), with a warning: on a fixed cluster they wait for each other."""
+    import ray
+
+    need, have = trial_resources(exp), ray.cluster_resources()
+    fit = int(min(have.get(k, 0.0) // v for k, v in need.items()))
+    held = f"{need} each, the cluster has { {k: have.get(k, 0.0) for k in need} }"
+    if exp.tune.max_concurrent_trials > 0:
+        if exp.tune.max_concurrent_trials > fit:
+            print(f"sweep: warning: tune.max_concurrent_trials={exp.tune.max_concurrent_trials}, but only {fit} "
+                  f"trial(s) fit now ({held}); the others wait for resources unless the cluster grows")
+        return exp.tune.max_concurrent_trials
+    print(f"sweep: {max(1, fit)} trial(s) side by side ({held})")
+    return max(1, fit)
+
+
+def check_same_sweep(exp: Experiment, sweep_dir: Path) -> None:
+    """A sweep continued under its name must be the same sweep: Tune would go on with the
+    settings it started with, whatever the experiment file says now."""
+    saved_file = sweep_dir / "sweep_experiment.json"
+    if not saved_file.is_file():
+        return
+    from m4cxr.tracking import flat_params
+
+    saved = flat_params(json.loads(saved_file.read_text()))
+    now = flat_params(json.loads(json.dumps(to_dict(exp))))
+    changed = sorted(k for k in saved.keys() | now.keys()
+                     if saved.get(k) != now.get(k) and not k.startswith(("tracking.", "source")))
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k, '-')} -> {now.get(k, '-')}" for k in changed[:5])
+        raise ValueError(f"{sweep_dir} is a sweep with other settings ({len(changed)} differ: {shown}); "
+                         f"continue it with the same experiment, or give this one another --name")
 
 
 def run_sweep(exp: Experiment, name: str | None = None) -> dict:
@@ -249,12 +271,9 @@ def run_sweep(exp: Experiment, name: str | None = None) -> dict:
     from m4cxr.ray_cluster import init_ray
 
     check_objectives(exp)
-    if exp.tune.objective == "single" and exp.tune.early_stopping and exp.tune.max_concurrent_trials > 1:
-        raise ValueError(f"{exp.source}: early stopping (ASHA) runs one trial at a time here; set "
-                         f"tune.max_concurrent_trials=1 (give each trial more workers instead) or "
-                         f"tune.early_stopping=false")
     distributions(exp.tune.space)  # a bad space fails here, before any trial starts
     init_ray()
+    start_ray_data_helpers()
     name = name or f"{exp.name}-sweep"
     storage = Path(exp.tune.output_dir).resolve()
     sweep_dir = storage / name
@@ -271,22 +290,25 @@ def run_sweep(exp: Experiment, name: str | None = None) -> dict:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     started = time.time()
     if tune.Tuner.can_restore(str(sweep_dir)):
+        check_same_sweep(exp, sweep_dir)
         print(f"sweep: continuing {sweep_dir} (finished trials are kept)")
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        search, scheduler = searcher_and_scheduler(exp)
+        search, scheduler = searcher_and_scheduler(exp, sweep_dir)
+        (sweep_dir / "sweep_experiment.json").write_text(json.dumps(to_dict(exp), indent=1, sort_keys=True))
         print(f"sweep: {exp.tune.num_trials} trials of {exp.tune.trial_steps} steps, "
               f"{exp.tune.objective}-objective over {list(exp.tune.objectives)} -> {sweep_dir}")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=exp.tune.num_trials,
-                                        max_concurrent_trials=exp.tune.max_concurrent_trials,
+                                        max_concurrent_trials=trials_side_by_side(exp),
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=name, storage_path=str(storage),
                                       callbacks=logger_callbacks(exp, sweep_dir)),
         )
     grid = tuner.fit()
     summary = write_outputs(exp, grid, sweep_dir)
+    summary["optuna_storage"], summary["study_name"] = optuna_storage(exp, sweep_dir), name
     summary["seconds"] = round(time.time() - started, 1)
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

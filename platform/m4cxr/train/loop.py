@@ -24,6 +24,7 @@ import torch
 from m4cxr.config import experiment_from_dict
 from m4cxr.data.pipeline import step_batches, train_stream, worker_positions
 from m4cxr.model.m4cxr import describe_counts
+from m4cxr.tracking import RunLog, flat_params
 
 STATE_FILE = "train_state.pt"
 
@@ -151,6 +152,12 @@ def train_loop_per_worker(config: dict) -> None:
             again = f"; steps {step + 1}-{max(logged)} are trained again" if max(logged) > step else ""
             say(f"resumed from the checkpoint at step {step} (stream position {step * stage.global_batch_size}){again}")
         metrics_file.touch()
+    # MLflow / TensorBoard, as tracking.log_to asks (a sweep's trials are logged by Tune instead)
+    run_log = RunLog(exp, Path(config["run_dir"]).name, config["run_dir"], kind=stage_name) \
+        if rank == 0 and config.get("track", True) else None
+    if run_log and not checkpoint:
+        run_log.params(flat_params(config["experiment"]))
+        run_log.tag("run_dir", config["run_dir"])
 
     core = model
     if engine is None and world > 1:
@@ -203,8 +210,6 @@ def train_loop_per_worker(config: dict) -> None:
     core.train()
     started, tokens_real, tokens_padded, first_step = time.time(), 0, 0, step
     metrics: dict = {}
-    stop_file = config.get("stop_file") or ""
-    stopped = False
     for rows in stream.iter_batches(batch_size=rows_per_step, batch_format="numpy", prefetch_batches=2):
         if step >= stage.training_steps:
             break
@@ -212,14 +217,6 @@ def train_loop_per_worker(config: dict) -> None:
         if not np.array_equal(rows["position"], expected):
             raise RuntimeError(f"worker {rank}: step {step + 1} got stream positions {rows['position'][:4].tolist()}..., "
                                f"expected {expected[:4].tolist()}...")
-        if stop_file:  # a sweep's scheduler stopped this trial: end here and free the workers
-            flag = torch.tensor([int(Path(stop_file).exists())], device=device)
-            if world > 1:
-                torch.distributed.broadcast(flag, 0)  # every rank leaves at the same step
-            if int(flag.item()):
-                stopped = True
-                say(f"stopped at step {step}: the sweep's scheduler ended this trial")
-                break
         batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.model.image_mean,
                                       exp.model.image_std, exp.data.length_grouping)
         rows_seen += stats["rows"]
@@ -268,6 +265,8 @@ def train_loop_per_worker(config: dict) -> None:
         last = step >= stage.training_steps
         if (exp.train.eval_every and step % exp.train.eval_every == 0) or last:
             metrics["val_loss"] = validate()
+        if run_log:
+            run_log.metrics({k: v for k, v in metrics.items() if k not in ("step", "time")}, step)
         if rank == 0:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -290,13 +289,14 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if keeps else None)
         elif step % exp.train.log_every == 0:
             ray.train.report(metrics)
-    if stopped:
-        return
     if step < stage.training_steps:
         raise RuntimeError(f"the training stream ended at step {step} of {stage.training_steps}")
     with gathered_weights(engine, core):  # ZeRO-3 holds each weight in pieces across the ranks
         if rank == 0:
             save_checkpoint(core, exp, config["final_dir"])
+            if run_log:
+                run_log.tag("checkpoint", config["final_dir"])
+                run_log.finish()
             say(f"final model: {config['final_dir']}")
 
 

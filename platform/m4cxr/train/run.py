@@ -61,9 +61,9 @@ def capacity_retries(wait_s: float) -> int:
 
 
 def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoint: str | None = None,
-              run_name: str | None = None, callbacks: list | None = None, stop_file: str | None = None) -> dict:
+              run_name: str | None = None, callbacks: list | None = None, track: bool = True) -> dict:
     """Train one stage; `callbacks` are Ray Train callbacks (a sweep passes Tune's report
-    callback); the workers end early once `stop_file` exists."""
+    callback and track=False: Tune logs its trials itself)."""
     from ray.data import DataContext, ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -85,7 +85,7 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
     DataContext.get_current().enable_progress_bars = False  # the workers' step lines are the progress
     config = {"experiment": to_dict(exp), "source": exp.source, "stage": stage, "tokenizer_dir": tok_dir,
               "corpus_dir": corpus_dir, "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else "",
-              "run_dir": str(run_dir), "final_dir": str(run_dir / "final"), "stop_file": str(stop_file or "")}
+              "run_dir": str(run_dir), "final_dir": str(run_dir / "final"), "track": track}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -112,14 +112,12 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
     for r in restarts:
         print(f"[{stage}] restart: resumed from the step-{r['resumed_from_step']} checkpoint, "
               f"{r['steps_trained_again']} step(s) trained again, {r['seconds_lost']} s lost", flush=True)
-    problems = [] if stop_file and Path(stop_file).exists() else lineage_problems(rows, st.training_steps,
-                                                                                  st.global_batch_size)
+    problems = lineage_problems(rows, st.training_steps, st.global_batch_size)
     if problems:  # a run must never end with stream positions untrained or trained twice
         raise RuntimeError(f"{run_dir}/metrics.jsonl: incomplete stream lineage: {'; '.join(problems[:3])}")
     summary = {
         "stage": stage, "steps": last["step"], "val_loss_first": last["val_loss_first"],
         "val_loss_last": last.get("val_loss"), "loss_last": last["loss"],
-        "stopped_early": bool(stop_file) and Path(stop_file).exists(),
         "nonpad_token_share": round(last["nonpad_token_share"], 4), "skipped_samples": last["skipped_samples"],
         "checkpoint": config["final_dir"], "run_dir": str(run_dir), "seconds": round(time.time() - started, 1),
         "restarts": len(restarts), "steps_trained_again": sum(r["steps_trained_again"] for r in restarts),

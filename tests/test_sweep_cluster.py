@@ -1,0 +1,110 @@
+"""A sweep on a local two-node cluster: TPE + ASHA, two trials at a time, trials stopped early
+giving their workers to the next ones; interrupted (Ctrl-C) and continued with the same name;
+the Optuna study read back from its own storage."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+from local_cluster import HEAD_PORT, wait_for
+
+TRIALS = 6
+
+
+def trial_spans(sweep_dir):
+    """(first, last) step time of each trial's training, from its metrics.jsonl."""
+    spans = {}
+    for path in (sweep_dir / "trials").glob("trial_*/metrics.jsonl"):
+        times = [json.loads(line)["time"] for line in path.read_text().splitlines() if line.strip()]
+        if times:
+            spans[path.parent.name] = (min(times), max(times))
+    return spans
+
+
+def started_trials(sweep_dir) -> int:
+    return len(list((sweep_dir / "trials").glob("trial_*/metrics.jsonl"))) if (sweep_dir / "trials").exists() else 0
+
+
+@pytest.mark.timeout(900)
+def test_asha_sweep_on_two_nodes_two_trials_at_a_time(cluster, synthetic_corpus, tmp_path):
+    import optuna
+
+    corpus, _ = synthetic_corpus
+    cluster.add_node()
+    wait_for(lambda: cluster.alive_nodes() == 2, 60, "the worker node to join")
+    env = {**cluster.env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": f"127.0.0.1:{HEAD_PORT}"}
+    command = [sys.executable, "-m", "m4cxr.cli", "sweep", "--config", str(ROOT / "experiments/sweeps/quickstart.yaml"),
+               "--name", "asha", "--set", f"data.corpus_dir={corpus}", "--set", f"tune.output_dir={tmp_path}",
+               "--set", "tune.init_checkpoint=", "--set", "tune.objective=single", "--set", "tune.early_stopping=true",
+               "--set", f"tune.num_trials={TRIALS}", "--set", "tune.max_concurrent_trials=2",
+               "--set", "tune.trial_steps=6", "--set", "tune.eval_every=2", "--set", "tune.grace_period=2",
+               "--set", "tune.eval_samples_per_task=2", "--set", "eval.max_new_tokens=8",
+               "--set", "train.val_samples=4", "--set", "train.cpus_per_worker=0.5", "--set", "eval.cpus_per_actor=0.5",
+               "--set", f"train.output_dir={tmp_path / 'train'}", "--set", "tracking.log_to=[mlflow]"]
+    sweep_dir = tmp_path / "asha"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: started_trials(sweep_dir) >= 4, 600, "the fourth trial to start", first)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGINT)  # as a user pressing Ctrl-C
+            first.wait(timeout=180)
+        log.close()
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "continuing" in second.stdout
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    assert len(rows) == TRIALS and len({r["trial"] for r in rows}) == TRIALS
+    statuses = [r["status"] for r in rows]
+    assert "error" not in statuses and statuses.count("stopped early") >= 1, statuses
+    assert statuses.count("completed") >= 1, statuses
+    # two trials trained at the same time (their step times overlap)
+    spans = sorted(trial_spans(sweep_dir).values())
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+    # the Optuna study lives in its own storage, readable by Optuna (and optuna-dashboard)
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["most_trials_at_once"] >= 2 and (sweep_dir / "timeline.png").stat().st_size > 0
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == statuses.count("completed") and summary["optuna_storage"].startswith("sqlite:///")
+    best = max(float(r["objective"]) for r in rows if r["status"] == "completed")
+    assert study.best_value == pytest.approx(best, rel=1e-6)
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.PRUNED) == statuses.count("stopped early")
+    assert os.path.getsize(sweep_dir / "results.md") > 0
+    # optuna-dashboard, a real client of that storage, serves the same study
+    port = free_port()
+    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), "--host", "127.0.0.1",
+                                  "--port", str(port), f"sqlite:///{sweep_dir / 'optuna.db'}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def served():
+            try:
+                return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5))
+            except OSError:
+                return None
+        wait_for(served, 60, "optuna-dashboard to answer")
+        (listed,) = served()["study_summaries"]
+        shown = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{listed['study_id']}"))
+        assert listed["study_name"] == "asha" and len(shown["trials"]) == TRIALS
+        assert sorted(t["state"] for t in shown["trials"]) == sorted(
+            "Complete" if s == "completed" else "Pruned" for s in statuses)
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    # each trial is a run of the sweep's MLflow experiment, with its objective where it completed
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'train/mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
+    assert {r.data.tags.get("trial_name") for r in runs} >= {r["trial"] for r in rows}
+    logged = {r.data.metrics["objective"] for r in runs if "objective" in r.data.metrics}
+    assert all(any(abs(float(r["objective"]) - v) < 1e-6 for v in logged) for r in rows if r["status"] == "completed")
