@@ -155,7 +155,7 @@ def test_chexbert_checkpoint_is_loaded_and_decoded(tmp_path, exp):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertConfig, PreTrainedTokenizerFast
 
-    from m4cxr.eval.chexbert import CONDITIONS, CheXbert, CheXbertLabeler
+    from m4cxr.labeler.chexbert import CONDITIONS, CheXbert, CheXbertLabeler
     from m4cxr.eval.scoring import report_labeler
 
     wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))

@@ -7,7 +7,7 @@ import pytest
 
 from m4cxr.cli import main
 from m4cxr.data.schema import read_samples
-from m4cxr.eval.labeler import OBSERVATIONS, label_report
+from m4cxr.labeler import OBSERVATIONS, label_report
 
 from conftest import REAL
 

@@ -229,7 +229,7 @@ def cmd_label(args) -> int:
     import csv
 
     from m4cxr.data.templates import chexbert_labels
-    from m4cxr.eval.labeler import label_report
+    from m4cxr.labeler import label_report
 
     with open(args.reports, newline="") as f:
         reader = csv.DictReader(f)

@@ -1,7 +1,7 @@
 """Predictions -> the paper's metrics, with confidence intervals, baselines and the
 hallucinated-comparison rate.
 
-Reports are labelled with the rule-based CheXpert-14 labeler (eval/labeler.py), or with CheXbert
+Reports are labelled with the rule-based CheXpert-14 labeler (m4cxr/labeler), or with CheXbert
 when `eval.chexbert_weights` names a local checkpoint; RadGraph F1 is computed when the radgraph
 package and its weights are installed. Whatever is skipped is said in `notes`.
 
@@ -52,11 +52,11 @@ def mentions_comparison(report: str) -> bool:
 def report_labeler(exp: Experiment) -> tuple[Callable[[list[str]], list[dict]], str]:
     """The labeler of the run and its name: CheXbert when configured, else the rule labeler."""
     if exp.eval.chexbert_weights:
-        from m4cxr.eval.chexbert import CheXbertLabeler
+        from m4cxr.labeler.chexbert import CheXbertLabeler
 
         chexbert = CheXbertLabeler(exp.eval.chexbert_weights, exp.eval.chexbert_tokenizer)
         return chexbert.label_reports, f"CheXbert ({exp.eval.chexbert_weights})"
-    from m4cxr.eval.labeler import label_reports
+    from m4cxr.labeler import label_reports
 
     return label_reports, "rule-based CheXpert-14 labeler (CheXbert weights not configured)"
 

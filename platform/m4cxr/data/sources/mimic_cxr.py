@@ -133,7 +133,7 @@ def read_labels(c: Collector) -> dict[str, dict[str, int]]:
 
 
 def read(c: Collector) -> None:
-    from m4cxr.eval.labeler import label_report
+    from m4cxr.labeler import label_report
 
     index = c.context.mimic()
     for record, reason in index.skipped:
