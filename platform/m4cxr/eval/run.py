@@ -55,7 +55,9 @@ def eval_summary(results: dict, exp: Experiment) -> dict:
     """The quickstart's `eval` section: headline numbers of each task type beside their baselines."""
     mode = "cot" if exp.eval.cot else "no_cot"
     h = headline(results, exp)
-    summary: dict = {"mode": mode, "labeler": results["labeler"]}
+    agreement = results.get("labeler_agreement")
+    summary: dict = {"mode": mode, "labeler": results["labeler"],
+                     "labeler_micro_f1_vs_experts": agreement["micro_f1"] if agreement else None}
     if "single_image" in results["mrg"]:
         summary["mrg"] = {k: h[k] for k in ("mF1-14", "MF1-14", "BLEU-4", "ROUGE-L")}
         summary["mrg"]["baseline_mF1-14"] = results["baselines"]["single_image"]["mF1-14"]

@@ -50,15 +50,27 @@ def mentions_comparison(report: str) -> bool:
 
 
 def report_labeler(exp: Experiment) -> tuple[Callable[[list[str]], list[dict]], str]:
-    """The labeler of the run and its name: CheXbert when configured, else the rule labeler."""
+    """The labeler of the run and its name: CheXbert when configured, else the rule labeler, named
+    with its measured agreement with expert labels so that its figures are not taken for CheXbert's."""
     if exp.eval.chexbert_weights:
         from m4cxr.labeler.chexbert import CheXbertLabeler
 
         chexbert = CheXbertLabeler(exp.eval.chexbert_weights, exp.eval.chexbert_tokenizer)
         return chexbert.label_reports, f"CheXbert ({exp.eval.chexbert_weights})"
-    from m4cxr.labeler import label_reports
+    from m4cxr.labeler import label_reports, rule_labeler_name
 
-    return label_reports, "rule-based CheXpert-14 labeler (CheXbert weights not configured)"
+    return label_reports, rule_labeler_name()
+
+
+def labeler_agreement(exp: Experiment) -> dict | None:
+    """The rule labeler's measured agreement (benchmarks/labeler_agreement.py), None for CheXbert."""
+    if exp.eval.chexbert_weights:
+        return None
+    from m4cxr.labeler import measured_agreement
+
+    agreement = measured_agreement()
+    return None if agreement is None else {k: agreement[k] for k in ("micro_f1", "held_out_micro_f1", "reports",
+                                                                      "per_observation_f1", "gold", "benchmark")}
 
 
 def radgraph_f1(hypotheses: list[str], references: list[str]) -> tuple[float | None, str]:
@@ -137,8 +149,8 @@ def score_predictions(exp: Experiment, predictions: pa.Table, corpus_dir: str | 
     samples = {r["sample_id"]: r for r in read_sample_table(corpus_dir, exp.eval.split).to_pylist()}
     store = ImageStore(corpus_dir)
     rows = predictions.to_pylist()
-    results: dict = {"labeler": labeler_name, "notes": [], "counts": {}, "mrg": {}, "grounding": {}, "vqa": {},
-                     "baselines": {}}
+    results: dict = {"labeler": labeler_name, "labeler_agreement": labeler_agreement(exp), "notes": [], "counts": {},
+                     "mrg": {}, "grounding": {}, "vqa": {}, "baselines": {}}
     if not exp.eval.chexbert_weights:
         results["notes"].append("CheXbert skipped: eval.chexbert_weights is not set; labels come from the "
                                 "rule-based CheXpert-14 labeler")
