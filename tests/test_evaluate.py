@@ -1,5 +1,5 @@
-"""Evaluation: scoring of predictions, baselines, paper-shaped tables, pictures, CheXbert loading,
-and the Ray Data inference path on a checkpoint."""
+"""Evaluation: scoring of predictions, baselines, paper-shaped tables, pictures, and the Ray Data
+inference path on a checkpoint. (CheXbert loading: test_chexbert.py.)"""
 
 
 import numpy as np
@@ -147,42 +147,3 @@ def test_predictor_reports_a_missing_image_as_an_error(synthetic_corpus, tmp_pat
     assert [r["error"] for r in out[:4]] == ["", "", "", ""]
     assert out[0]["findings"] and out[0]["prediction"] and not out[1]["findings"]
     assert "no_such_image" in out[4]["error"] and out[4]["prediction"] == ""
-
-
-def test_chexbert_checkpoint_is_loaded_and_decoded(tmp_path, exp):
-    """A CheXbert-format checkpoint (DataParallel keys, 13 four-class heads and a two-class head)
-    built at a tiny BERT size: the labeler decodes its classes to CheXpert values."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertConfig, PreTrainedTokenizerFast
-
-    from m4cxr.labeler.chexbert import CONDITIONS, CheXbert, CheXbertLabeler
-    from m4cxr.eval.scoring import report_labeler
-
-    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wp.train_from_iterator(["the heart is enlarged", "no pleural effusion"] * 10,
-                           trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    PreTrainedTokenizerFast(tokenizer_object=wp, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                            sep_token="[SEP]").save_pretrained(tmp_path / "tok")
-    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    config.to_json_file(tmp_path / "config.json")
-    model = CheXbert(config)
-    with torch.no_grad():  # Cardiomegaly positive (class 1), Edema uncertain (3), the rest negative (2)
-        for i, head in enumerate(model.linear_heads):
-            head.weight.zero_()
-            head.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0] if i < 13 else [5.0, 0.0]))
-        model.linear_heads[CONDITIONS.index("Cardiomegaly")].bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))
-        model.linear_heads[CONDITIONS.index("Edema")].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
-    torch.save({"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "chexbert.pth")
-
-    labeler = CheXbertLabeler(tmp_path / "chexbert.pth", str(tmp_path / "tok"))
-    labels = labeler.label_reports(["The heart is enlarged.\n\nNo pleural   effusion.", "no pleural effusion"])
-    assert labels[0]["Cardiomegaly"] == 1 and labels[0]["Edema"] == -1 and labels[0]["Pneumothorax"] == 0
-    assert "No Finding" not in labels[0] and len(labels) == 2
-    exp_chexbert = load_experiment(ROOT / "experiments/quickstart.yaml", [
-        f"eval.chexbert_weights={tmp_path / 'chexbert.pth'}", f"eval.chexbert_tokenizer={tmp_path / 'tok'}"])
-    _, name = report_labeler(exp_chexbert)
-    assert name.startswith("CheXbert")
-    with pytest.raises(FileNotFoundError, match="chexbert_weights"):
-        CheXbertLabeler(tmp_path / "missing.pth", str(tmp_path / "tok"))

@@ -50,10 +50,15 @@ class CheXbertLabeler:
         state = {k.removeprefix("module."): v for k, v in state.items()}
         # transformers no longer keeps position ids as a weight
         state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        shape = "config.json beside it" if config_path.is_file() else "BERT-base, as published"
+        try:
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # tensors of another size
+            raise ValueError(f"{weights}: not a CheXbert checkpoint of this BERT shape ({shape}): "
+                             f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
         if missing or unexpected:
-            raise ValueError(f"{weights}: not a CheXbert checkpoint for this BERT shape; missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(f"{weights}: not a CheXbert checkpoint of this BERT shape ({shape}); missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}")
         self.model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.device, self.batch_size = device, batch_size
