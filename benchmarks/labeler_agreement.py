@@ -144,12 +144,12 @@ def main() -> None:
 
     result = {
         "labeler": "rule-based CheXpert-14 labeler (m4cxr.labeler.rules)",
-        "gold": "NegBio gold labels of Open-i (IU X-ray) reports, development set",
+        "gold": "NegBio's expert labels of Open-i (IU X-ray) reports, development set",
         "observations": dict(SHARED),
         "split": "held-out = sha256(uid)[0] % 3 == 0",
         "parts": parts,
         "reports_per_second_one_core": round(speed, 1),
-        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -13,15 +13,20 @@ the mention is negative.
 Each mention is then classified in its clause by scoped triggers in the manner of NegEx, in the
 upstream order: uncertainty that contains a negation ("cannot be excluded") first, then negation
 ("no", "without", "... is normal", "... has resolved"), then uncertainty ("may", "possible",
-"atelectasis or pneumonia"). A trigger before a mention reaches back to the start of its clause
-("but", "which", ";" end a clause); one after it reaches the end of the mention's phrase (up to
-"with", "which" or a few words). Aggregation follows upstream: positive if any mention is
+"suspicious for", "the differential includes"). A trigger before a mention reaches back to the
+start of its clause ("but", "which", ";" end a clause); one after it reaches the end of the
+mention's phrase ("with", "which", a comma, or a few words). A mention that names a sign rather
+than the finding ("vascular congestion" for edema) is at most uncertain; an acute finding named as
+past ("prior pneumonia") is negative. Aggregation follows upstream: positive if any mention is
 positive, else uncertain, else negative, else blank.
 
-Two conventions follow the expert labels of real reports (benchmarks/labeler_agreement.py)
-rather than the CheXpert labeler: "borderline cardiomegaly" counts as positive, and "No Finding"
-is 1 only when the report names nothing abnormal at all: no pathology positive or uncertain and
-none of the other-finding phrases (the no_finding list and ours) positive.
+Some conventions follow the expert labels of real reports (benchmarks/labeler_agreement.py)
+rather than the CheXpert labeler: "borderline cardiomegaly" is positive; so are findings named as
+alternatives ("atelectasis or scarring", "atelectasis versus infiltrate") and as probable
+("probable small effusion"); and "No Finding" is 1 only when the report names nothing abnormal:
+no pathology positive or uncertain and none of the other-finding phrases (the no_finding list and
+ours: degenerative spine, low lung volumes, granulomas, ...) positive. Support devices alone keep
+"No Finding", as in CheXpert.
 
 Output per report: {observation: 1 | 0 | -1} for the observations mentioned (blank = absent).
 """
