@@ -136,6 +136,7 @@ def phrase_patterns() -> tuple[dict, dict]:
 
 
 def _kind(observation: str, phrase: str) -> str:
+    """What a mention phrase names: a "structure", a "sign" of the observation, or the "finding"."""
     if phrase in STRUCTURE_MENTIONS.get(observation, ()):
         return "structure"
     return "sign" if phrase in SIGN_MENTIONS.get(observation, ()) else "finding"
@@ -192,16 +193,16 @@ def classify_structure(sentence: str, start: int, end: int) -> int:
     enlarged"), and then classified as the finding from the structure to that word."""
     clause_start, clause_end = _clause(sentence, start, end)
     stop = STRUCTURE_PHRASE_END.search(sentence, end, clause_end)
-    after_words = sentence[end:stop.start() if stop else clause_end].split()[:STRUCTURE_REACH_AFTER]
-    after = " ".join(after_words)
-    found = ABNORMAL_SIZE.search(after)
+    words_after = list(re.finditer(r"\S+", sentence[:stop.start() if stop else clause_end]))
+    words_after = [w for w in words_after if w.start() >= end][:STRUCTURE_REACH_AFTER]
+    found = ABNORMAL_SIZE.search(sentence, end, words_after[-1].end()) if words_after else None
     if found:
-        between = after[:found.start()]
-        if re.search(r"\bnot\b|\bno\b|\bnormal\b", between):  # "not enlarged", "normal in size, not enlarged"
+        between = sentence[end:found.start()]
+        if re.search(r"\bnot\b|\bno\b|\bnormal\b", between):  # "is not enlarged", "no longer enlarged"
             return 0
         if _first(UNCERTAIN_BEFORE, between):  # "the heart may be enlarged"
             return -1
-        return classify(sentence, start, end + len(" ".join(after_words)))
+        return classify(sentence, start, found.end())
     before_words = sentence[clause_start:start].split()[-STRUCTURE_REACH_BEFORE:]
     if ABNORMAL_SIZE.search(" ".join(before_words)):
         return classify(sentence, start, end)
