@@ -5,6 +5,7 @@ openai client."""
 import base64
 import io
 import json
+import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -133,10 +134,25 @@ def test_bad_requests_get_their_own_4xx(services, xray):
         ("/vqa", {"images": [b64], "question": "why? " * 400}, None, 413, "over the context limit"),
         ("/vqa", {"images": [b64, b64, b64], "question": "?"}, None, 400, "1 to 2 images"),
         ("/vqa", {"images": [b64], "question": "   "}, None, 400, "field 'question' is empty"),
+        ("/vqa", {"images": [b64], "question": "?", "temperature": 0.5}, None, 400, "['temperature'] are not supported"),
+        ("/mrg", {"images": [b64], "findings": True}, None, 400, "['findings'] are not supported by /mrg"),
+        ("/grounding", {"image": b64, "phrase": "x", "top_k": 3}, None, 400, "['top_k'] are not supported"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 2}}, None,
+         400, "['logit_bias'] are not supported by /v1/chat/completions"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}, None, 400,
+         "field 'max_tokens' must be an integer from 1 to 8"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, None, 400,
+         "field 'temperature' must be a number from 0 to 2"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}, None, 400,
+         "empty strings"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 2}, None, 400,
+         "n > 1 with stream"),
     ]
     for route, body, raw, code, message in cases:
         status, payload, _ = post(f"{services}{route}", body, raw=raw)
-        assert status == code and message in payload.get("error", ""), (route, body and str(body)[:80], status, payload)
+        error = payload.get("error", "")
+        error = error["message"] if route.startswith("/v1") else error  # OpenAI's shape on /v1
+        assert status == code and message in error, (route, body and str(body)[:80], status, payload)
     status, payload, _ = post(f"{services}/vqa", {"images": [b64], "question": "?"},
                               headers={"serve_multiplexed_model_id": "nope"})
     assert status == 404 and "unknown model 'nope'" in payload["error"]
@@ -209,6 +225,98 @@ def test_openai_client_two_turn_chat_with_an_image(services, xray):
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
     with pytest.raises(Exception, match="400"):
         client.chat.completions.create(model="default", messages=[{"role": "assistant", "content": "hi"}])
+
+
+def test_openai_client_streams_samples_and_counts(services, xray):
+    """What the OpenAI contract promises, through the openai client: streamed chunks that add up
+    to the answer, n choices, seeded sampling that repeats and temperature that varies, token
+    limits and stop strings honoured, usage that matches, unsupported fields refused."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{services}/v1", api_key="unused", max_retries=0)
+    image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64(xray)}"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "radiology image:"}, image_part,
+                                             {"type": "text", "text": "Provide a description of the findings."}]}]
+    plain = client.chat.completions.create(model="default", messages=messages)
+    answer = plain.choices[0].message.content
+    assert plain.usage.prompt_tokens > 16 and 1 <= plain.usage.completion_tokens <= 8  # the server's 8 new tokens
+
+    chunks = list(client.chat.completions.create(model="default", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2 and "".join(pieces).strip() == answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+
+    two = client.chat.completions.create(model="default", messages=messages, n=2)
+    assert [c.index for c in two.choices] == [0, 1] and all(c.message.content == answer for c in two.choices)
+    assert two.usage.completion_tokens == 2 * plain.usage.completion_tokens
+
+    def sample(seed):
+        return client.chat.completions.create(model="default", messages=messages, temperature=1.5, top_p=1.0,
+                                              seed=seed).choices[0].message.content
+    assert sample(7) == sample(7)  # a seed makes sampling repeatable
+    assert len({sample(seed) for seed in range(6)}) >= 2  # and temperature makes it vary
+
+    short = client.chat.completions.create(model="default", messages=messages, max_tokens=2)
+    assert short.usage.completion_tokens <= 2
+    assert short.choices[0].finish_reason == ("stop" if short.usage.completion_tokens < 2 else "length")
+    words = answer.split()
+    if len(words) >= 2:  # stop at the answer's second word: the text ends before it
+        stopped = client.chat.completions.create(model="default", messages=messages, stop=[words[1]])
+        content = stopped.choices[0].message.content
+        assert words[1] not in content and answer.startswith(content) and stopped.choices[0].finish_reason == "stop"
+
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.chat.completions.create(model="default", messages=messages, frequency_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="my_field"):
+        client.chat.completions.create(model="default", messages=messages, extra_body={"my_field": 1})
+
+
+def test_api_keys_are_required_when_set_and_never_logged(services, tiny_checkpoints, monkeypatch):
+    import glob
+
+    import openai
+    from openai import OpenAI
+    from ray import serve
+
+    from m4cxr.serve.access import hash_key, key_hashes
+    from m4cxr.serve.apps import build
+
+    key, env_key = "m4cxr-test-key-7f3a91", "m4cxr-env-key-55d0c2"
+    monkeypatch.setenv("M4CXR_API_KEYS", env_key)
+    assert key_hashes([hash_key(key)]) == sorted([hash_key(key), hash_key(env_key)])
+    with pytest.raises(ValueError, match="64 lower-case hex"):
+        key_hashes(["sha256:abc"])
+    # the config holds only the key's hash; the other key comes from the environment
+    serve.run(build("v1", {"checkpoints": tiny_checkpoints, "api_keys": [hash_key(key)], "max_new_tokens": 4}),
+              name="keyed", route_prefix="/keyed/v1")
+    try:
+        base = f"{services}/keyed/v1"
+        messages = [{"role": "user", "content": "Is there a pneumothorax?"}]
+        for good in (key, env_key):
+            answer = OpenAI(base_url=base, api_key=good, max_retries=0).chat.completions.create(
+                model="default", messages=messages)
+            assert isinstance(answer.choices[0].message.content, str)
+        with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+            OpenAI(base_url=base, api_key="wrong", max_retries=0).chat.completions.create(model="default",
+                                                                                           messages=messages)
+        status, payload, headers = post(f"{base}/chat/completions", {"messages": messages})
+        assert status == 401 and "Authorization: Bearer" in payload["error"]["message"]
+        assert {k.lower(): v for k, v in headers.items()}["www-authenticate"] == "Bearer"
+        status, _, _ = post(f"{base}/chat/completions", {"messages": messages}, headers={"Authorization": "Basic x"})
+        assert status == 401
+        assert post(f"{services}/v1/chat/completions", {"messages": messages})[0] == 200  # the open services stay open
+    finally:
+        serve.delete("keyed")
+    logs = [p for p in glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True) if os.path.isfile(p)]
+    assert logs
+    for path in logs:
+        text = open(path, errors="replace").read()
+        assert key not in text and env_key not in text, path
 
 
 def test_health_check_fails_when_the_model_cannot_generate(tiny_checkpoints):

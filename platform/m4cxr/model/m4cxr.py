@@ -178,17 +178,44 @@ class M4CXR(nn.Module):
                  top_p: float = 1.0, seed: int | None = None) -> list[str]:
         """The assistant's next answer for each conversation (a trailing assistant turn is dropped).
         Greedy by default; sampling when do_sample. Stops at EOS or max_new_tokens."""
+        return [d["text"] for d in self.generate_details(conversations, images, max_new_tokens, do_sample,
+                                                         temperature, top_p, seed)]
+
+    @torch.no_grad()
+    def generate_details(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Image.Image]],
+                         max_new_tokens: int = 500, do_sample: bool = False, temperature: float = 1.0,
+                         top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+                         streamer=None) -> list[dict]:
+        """generate(), with what an API reports of each answer: {"text", "prompt_tokens" (images
+        counted as their tokens), "completion_tokens", "finish_reason": "stop" (EOS or a stop
+        string, which is cut off) | "length"}. A transformers streamer gets the text as it comes."""
         batch = self.collate(conversations, images, for_generation=True)
         device = self.device
         embeds = self.embed(batch["input_ids"].to(device), batch["pixel_values"])
         if seed is not None:
             torch.manual_seed(seed)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        if stop:
+            sampling.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         out = self.llm.generate(
             inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, streamer=streamer,
+            **sampling,
         )
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        details = []
+        for row, prompt in zip(out.tolist(), batch["attention_mask"].sum(1).tolist()):
+            ended = eos in row
+            tokens = row[:row.index(eos) + 1] if ended else row
+            while not ended and tokens and tokens[-1] == pad:  # a row a stop string ended is padded after it
+                tokens = tokens[:-1]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+            details.append({"text": text.strip(), "prompt_tokens": int(prompt), "completion_tokens": len(tokens),
+                            "finish_reason": "stop" if ended or cut >= 0 else "length"})
+        return details
 
     def generate_reports(self, requests: Sequence[dict], cot: bool = True, max_new_tokens: int = 500,
                          system_prompt: str | None = None) -> list[dict[str, str]]:

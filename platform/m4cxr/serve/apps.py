@@ -9,31 +9,42 @@ serve_apps/config.yaml or by `run_services`), over the shared ModelServer code p
                                -> {"box": [x1,y1,x2,y2] (0-100), "box_pixels": [...], "answer"}
                                {"image", "box", "ask": finding|organ|region|phrase} -> {"answer"}
     POST /vqa                  {"images": [one] or [reference, main], "question"} -> {"answer"}
-    POST /v1/chat/completions  OpenAI chat (text and image_url parts), multi-turn
+    POST /v1/chat/completions  OpenAI chat (text and image_url parts), multi-turn; streaming,
+                               sampling, n, stop, seed and token limits (serve/openai_chat.py)
     GET  /v1/models            the served checkpoints
+
+A field a route does not know is a 400 naming it. With API keys set (serve/access.py) every
+route needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
+from m4cxr.serve.access import key_hashes
 from m4cxr.serve.inputs import (
     RequestError, decode_image, parse_grounding, parse_json, parse_mrg, parse_vqa,
 )
-from m4cxr.serve.model_server import ModelServer, error_response, serve_options
+from m4cxr.serve.model_server import ModelServer, check_access, error_response, serve_options
+from m4cxr.serve.openai_chat import (
+    CHAT_FIELDS, chat_response, chunk, completion_id, parse_sampling, parse_stream, reject_unknown, sse, usage,
+)
 from m4cxr.serve.prompts import findings_list, grounding_response, grounding_turns, mrg_turns, vqa_turns
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class MRGService(ModelServer):
     async def respond(self, model, body: dict) -> dict[str, Any]:
+        reject_unknown(body, ("model", "scenario", "images", "prior_images", "prior_report", "cot"), "/mrg")
         req = parse_mrg(body)
         first, second, images = mrg_turns(req, model.system_prompt)
         answer = await self.answer(model, first, images)
@@ -46,6 +57,7 @@ class MRGService(ModelServer):
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class GroundingService(ModelServer):
     async def respond(self, model, body: dict) -> dict[str, Any]:
+        reject_unknown(body, ("model", "image", "box", "ask", "phrase", "finding", "organ", "region"), "/grounding")
         req = parse_grounding(body)
         answer = await self.answer(model, grounding_turns(req, model.system_prompt), [req["image"]])
         return grounding_response(req, answer, model.box_convention)
@@ -54,6 +66,7 @@ class GroundingService(ModelServer):
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class VQAService(ModelServer):
     async def respond(self, model, body: dict) -> dict[str, Any]:
+        reject_unknown(body, ("model", "images", "question"), "/vqa")
         req = parse_vqa(body)
         return {"answer": await self.answer(model, vqa_turns(req, model.system_prompt), req["images"])}
 
@@ -99,11 +112,21 @@ def chat_conversation(messages: Any, system: str) -> tuple[list[dict], list]:
     return conv, images
 
 
+def openai_error(err: RequestError) -> JSONResponse:
+    """An error in OpenAI's shape, which its clients read the message from."""
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(err.status, "invalid_request_error")
+    response = error_response(err)
+    return JSONResponse({"error": {"message": err.message, "type": kind, "param": None, "code": err.status}},
+                        status_code=err.status, headers={k: v for k, v in response.headers.items()
+                                                         if k.lower() == "www-authenticate"})
+
+
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
 class ChatService(ModelServer):
-    async def __call__(self, request: Request) -> JSONResponse:
+    async def __call__(self, request: Request):
         path = request.url.path.rstrip("/")
         try:
+            check_access(request, self.api_key_hashes)
             if path.endswith("/models"):
                 return JSONResponse({"object": "list", "data": [
                     {"id": name, "object": "model", "created": 0, "owned_by": "m4cxr"} for name in self.checkpoints]})
@@ -112,30 +135,48 @@ class ChatService(ModelServer):
             if request.method != "POST":
                 raise RequestError("use POST for /v1/chat/completions", 405)
             body = parse_json(await request.body())
-            if body.get("stream"):
-                raise RequestError("streaming is not supported; send stream: false")
+            reject_unknown(body, CHAT_FIELDS, "/v1/chat/completions")
+            stream, include_usage = parse_stream(body)
+            sampling = parse_sampling(body, self.max_new_tokens)
+            if stream and sampling.n > 1:
+                raise RequestError("n > 1 with stream: true is not supported; send one or the other")
             name = self.model_id(body)
             model = await self.get_model(name)
             conv, images = chat_conversation(body.get("messages"), model.system_prompt)
-            answer = await self.answer(model, conv, images)
+            if stream:
+                self.check_length(model, conv, sampling.max_tokens)
+                events = self.chat_events(model, name, conv, images, sampling, include_usage)
+                return StreamingResponse(events, media_type="text/event-stream")
+            details = await self.answer_details(model, conv, images, sampling)
         except RequestError as err:
-            return error_response(err)
-        prompt_tokens = len(model.tokenizer(" ".join(t["content"] for t in conv))["input_ids"]) + \
-            len(images) * model.tokens_per_image
-        completion_tokens = len(model.tokenizer(answer)["input_ids"])
-        return JSONResponse({
-            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-            "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        })
+            return openai_error(err)
+        return JSONResponse(chat_response(name, details))
+
+    async def chat_events(self, model, name: str, conv: list[dict], images: list, sampling, include_usage: bool):
+        """The chat answer as OpenAI's chunks: the role, the text as it comes, the finish reason,
+        the usage (when asked), then [DONE]. An error mid-way ends the stream with an error event."""
+        cid, created = completion_id(), int(time.time())
+        yield sse(chunk(cid, name, created, {"role": "assistant", "content": ""}))
+        try:
+            async for item in self.stream_answer(model, conv, images, sampling):
+                if isinstance(item, str):
+                    yield sse(chunk(cid, name, created, {"content": item}))
+                else:
+                    yield sse(chunk(cid, name, created, {}, finish_reason=item["finish_reason"]))
+                    if include_usage:
+                        yield sse(chunk(cid, name, created, {}, with_usage=usage(item["prompt_tokens"],
+                                                                                 item["completion_tokens"])))
+        except Exception as err:
+            log.exception("chat stream failed")
+            yield sse({"error": {"message": f"generation failed: {type(err).__name__}: {err}", "type": "server_error"}})
+        yield sse("[DONE]")
 
 
 # ----------------------------------------------------------------------------- building and running
 
 SERVICES = {"mrg": MRGService, "grounding": GroundingService, "vqa": VQAService, "v1": ChatService}
 SERVER_ARGS = ("default", "max_batch_size", "batch_wait_timeout_s", "max_new_tokens", "use_gpu", "max_prompt_tokens")
+ARGS = ("checkpoints", "api_keys", "api_keys_file", "retry_after_s", *SERVER_ARGS)  # besides deployment options
 
 
 def build(name: str, args: dict[str, Any]):
@@ -149,7 +190,13 @@ def build(name: str, args: dict[str, Any]):
     for k, v in checkpoints.items():
         if not (Path(v) / "m4cxr.json").is_file():
             raise FileNotFoundError(f"application {name}: checkpoint {k!r} at {v} is not an M4CXR checkpoint")
+    unknown = sorted(set(args) - set(ARGS) - {"max_ongoing_requests", "max_queued_requests", "autoscaling_config",
+                                               "ray_actor_options"})
+    if unknown:
+        raise ValueError(f"application {name}: unknown args {unknown}; known: {sorted(ARGS)} and deployment options")
     server = {k: args[k] for k in SERVER_ARGS if k in args}
+    # keys become hashes here: the replicas (and Serve's stored options) never hold a key itself
+    server["api_key_hashes"] = key_hashes(args.get("api_keys"), args.get("api_keys_file", ""))
     if "default" not in server:
         server["default"] = next(iter(checkpoints))
     deployment = SERVICES[name]

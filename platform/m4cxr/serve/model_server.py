@@ -5,7 +5,11 @@ A request names its checkpoint with Serve's model-id header (`serve_multiplexed_
 chat route also reads the body's "model"); without one, the default checkpoint answers. Each
 batched call is one generation: requests queue for up to `batch_wait_timeout_s` and are answered
 together, left-padded, so an answer is the same as it would be alone (fp32 on CPU). Items of a
-batch that name different checkpoints are generated per checkpoint.
+batch that name different checkpoints or different generation settings (serve/openai_chat.py
+Sampling) are generated per group; a seeded request is a group of its own, so that its seed
+alone decides its samples. A streamed answer is generated on its own as it comes.
+
+With API keys configured (serve/access.py) every request needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
@@ -19,19 +23,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
+from m4cxr.serve.access import authorized
 from m4cxr.serve.inputs import RequestError, parse_json
+from m4cxr.serve.openai_chat import Sampling
 
 log = logging.getLogger("ray.serve")
 
 
 def error_response(err: RequestError) -> JSONResponse:
-    return JSONResponse({"error": err.message}, status_code=err.status)
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+
+
+def check_access(request: Request, hashes: list[str]) -> None:
+    if not authorized(request.headers.get("authorization"), hashes):
+        raise RequestError("missing or invalid API key: send the header 'Authorization: Bearer <key>'", 401)
 
 
 class ModelServer:
     def __init__(self, checkpoints: dict[str, str], default: str = "default", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.02, max_new_tokens: int = 256, use_gpu: bool = False,
-                 max_prompt_tokens: int = 0):
+                 max_prompt_tokens: int = 0, api_key_hashes: list[str] | None = None):
         import torch
 
         if default not in checkpoints:
@@ -45,6 +57,7 @@ class ModelServer:
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.system = DEFAULT_SYSTEM_PROMPT
+        self.api_key_hashes = list(api_key_hashes or [])
 
     # -- checkpoints
 
@@ -66,30 +79,84 @@ class ModelServer:
     # -- generation
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, items: list[tuple]) -> list[str]:
-        """items: (model, conversation, images); one answer each."""
-        answers: list[str | None] = [None] * len(items)
-        groups: dict[int, list[int]] = {}
-        for i, (model, _, _) in enumerate(items):
-            groups.setdefault(id(model), []).append(i)
+    async def generate_batch(self, items: list[tuple]) -> list[list[dict]]:
+        """items: (model, conversation, images, Sampling); each gets its n answers' details."""
+        answers: list[list[dict] | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, (model, _, _, sampling) in enumerate(items):
+            key = (id(model), sampling) if sampling.seed is None else (id(model), sampling, i)
+            groups.setdefault(key, []).append(i)
         for idx in groups.values():
-            model = items[idx[0]][0]
-            out = await asyncio.to_thread(model.generate, [items[i][1] for i in idx], [items[i][2] for i in idx],
-                                          self.max_new_tokens)
-            for i, a in zip(idx, out):
-                answers[i] = a
+            model, sampling = items[idx[0]][0], items[idx[0]][3]
+            convs = [items[i][1] for i in idx for _ in range(sampling.n)]
+            images = [items[i][2] for i in idx for _ in range(sampling.n)]
+            out = await asyncio.to_thread(model.generate_details, convs, images, sampling.max_tokens,
+                                          not sampling.greedy, sampling.temperature or 1.0, sampling.top_p,
+                                          sampling.seed, sampling.stop)
+            for k, i in enumerate(idx):
+                answers[i] = out[k * sampling.n:(k + 1) * sampling.n]
         return answers  # type: ignore[return-value]
 
     async def answer(self, model, conversation: list[dict], images: list) -> str:
-        self.check_length(model, conversation)
-        return await self.generate_batch((model, conversation, images))
+        """The greedy answer within the server's token limit (the task routes)."""
+        return (await self.answer_details(model, conversation, images, Sampling(self.max_new_tokens)))[0]["text"]
 
-    def check_length(self, model, conversation: list[dict]) -> None:
+    async def answer_details(self, model, conversation: list[dict], images: list, sampling: Sampling) -> list[dict]:
+        self.check_length(model, conversation, sampling.max_tokens)
+        return await self.generate_batch((model, conversation, images, sampling))
+
+    async def stream_answer(self, model, conversation: list[dict], images: list, sampling: Sampling):
+        """The answer's text as it is generated (pieces), then its details as the last item."""
+        import threading
+
+        from transformers import TextIteratorStreamer
+
+        self.check_length(model, conversation, sampling.max_tokens)
+        streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["details"] = model.generate_details(
+                    [conversation], [images], sampling.max_tokens, not sampling.greedy, sampling.temperature or 1.0,
+                    sampling.top_p, sampling.seed, sampling.stop, streamer=streamer)[0]
+            except Exception as err:  # the stream ends; the error is raised below
+                result["error"] = err
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        text, sent, hold = "", 0, max((len(s) for s in sampling.stop), default=1) - 1
+        while True:
+            piece = await asyncio.to_thread(next, streamer, None)
+            if piece is None:
+                break
+            text += piece
+            cut = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+            safe = cut if cut >= 0 else len(text) - hold  # a stop string may still be forming
+            if safe > sent:
+                chunk = text[sent:safe] if sent else text[:safe].lstrip()
+                sent = safe
+                if chunk:
+                    yield chunk
+            if cut >= 0:
+                break
+        await asyncio.to_thread(thread.join)
+        if "error" in result:
+            raise result["error"]
+        if cut < 0 and len(text) > sent:
+            rest = text[sent:].rstrip() if sent else text.strip()
+            if rest:
+                yield rest
+        yield result["details"]
+
+    def check_length(self, model, conversation: list[dict], max_tokens: int | None = None) -> None:
         from m4cxr.model.tokenizer import encode_conversation
 
+        new_tokens = max_tokens or self.max_new_tokens
         ids, _ = encode_conversation(model.tokenizer, conversation, model.tokens_per_image, for_generation=True)
-        if len(ids) + self.max_new_tokens > model.context_limit:
-            raise RequestError(f"the prompt is {len(ids)} tokens; with {self.max_new_tokens} new tokens it is over "
+        if len(ids) + new_tokens > model.context_limit:
+            raise RequestError(f"the prompt is {len(ids)} tokens; with {new_tokens} new tokens it is over "
                                f"the context limit of {model.context_limit}", 413)
 
     async def check_health(self) -> None:
@@ -102,6 +169,7 @@ class ModelServer:
     async def __call__(self, request: Request) -> JSONResponse:
         """Parse, answer with the service's `respond`, and turn any RequestError into its 4xx."""
         try:
+            check_access(request, self.api_key_hashes)
             if request.method != "POST":
                 raise RequestError(f"use POST for {request.url.path}", 405)
             body = parse_json(await request.body())
