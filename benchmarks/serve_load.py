@@ -102,10 +102,13 @@ def main() -> None:
     rows = []
     for tokens in args.max_new_tokens:
         common = {"checkpoints": {"default": checkpoint}, "max_new_tokens": tokens,
-                  "max_ongoing_requests": 64, "max_queued_requests": 1024, "ray_actor_options": {"num_cpus": 1}}
-        serve.run(build("vqa", {**common, "max_batch_size": 16, "batch_wait_timeout_s": 0.05}),
-                  name="batched", route_prefix="/batched")
-        serve.run(build("vqa", {**common, "max_batch_size": 1}), name="single", route_prefix="/single")
+                  "max_ongoing_requests": 64, "max_queued_requests": 1024}
+        # each route over a model application of its own: batches of up to 16, or one at a time
+        for route, batch in (("batched", {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}),
+                             ("single", {"max_batch_size": 1})):
+            serve.run(build("model", {**common, **batch, "ray_actor_options": {"num_cpus": 0.9}}),
+                      name=f"model_{route}", route_prefix=None)
+            serve.run(build("vqa", {**common, "model_app": f"model_{route}"}), name=route, route_prefix=f"/{route}")
         for batching, route in (("on", "/batched"), ("off", "/single")):
             for c in (1, 4, 16):
                 n = max(c * 4, args.requests if c == 16 else args.requests // 2)

@@ -1,6 +1,6 @@
-"""Serving: the four applications started in-process on 127.0.0.1 with a tiny checkpoint; every
-route with valid and invalid requests, concurrency, batching, DICOM, several checkpoints, and the
-openai client."""
+"""Serving: the model application and the four routes over it, started in-process on 127.0.0.1
+with a tiny checkpoint; every route with valid and invalid requests, concurrency, batching,
+DICOM, several checkpoints, the openai client, API keys, and the model's replicas autoscaling."""
 
 import base64
 import io
@@ -358,3 +358,52 @@ def test_over_capacity_gets_503_with_retry_after_and_accepted_requests_finish(se
     assert all({k.lower(): v for k, v in r[2].items()}.get("retry-after") == "3" for r in results if r[0] == 503), \
         [r[2] for r in results if r[0] == 503][:1]
     serve.delete("busy")
+
+
+def test_model_replicas_rise_under_sustained_load_and_fall_after(services, tiny_checkpoints, xray):
+    """The model application autoscales on the load the routes send it (short delays here)."""
+    import threading
+    import time
+
+    from ray import serve
+
+    from m4cxr.serve.apps import build
+
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+               "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+    serve.run(build("model", {"checkpoints": tiny_checkpoints, "max_new_tokens": 16, "max_batch_size": 1,
+                              "autoscaling_config": scaling, "ray_actor_options": {"num_cpus": 0.1}}),
+              name="scaling", route_prefix=None)
+    serve.run(build("vqa", {"checkpoints": tiny_checkpoints, "max_new_tokens": 16, "model_app": "scaling"}),
+              name="scaled", route_prefix="/scaled")
+
+    def replicas() -> int:
+        return serve.status().applications["scaling"].deployments["ModelServer"].replica_states.get("RUNNING", 0)
+
+    try:
+        assert replicas() == 1
+        b64, stop, codes = png_b64(xray), threading.Event(), []
+
+        def load():
+            while not stop.is_set():
+                codes.append(post(f"{services}/scaled", {"images": [b64], "question": "Is the heart enlarged?"})[0])
+
+        workers = [threading.Thread(target=load) for _ in range(6)]
+        for w in workers:
+            w.start()
+        deadline, peak = time.time() + 90, 1
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, replicas())
+            time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join(timeout=120)
+        assert peak == 2, "the model did not scale up under load"
+        assert codes and set(codes) == {200}, set(codes)
+        deadline = time.time() + 90
+        while time.time() < deadline and replicas() > 1:
+            time.sleep(0.5)
+        assert replicas() == 1, "the model did not scale down after the load"
+    finally:
+        serve.delete("scaled")
+        serve.delete("scaling")

@@ -1,8 +1,9 @@
-"""The Ray Serve applications: report generation, grounding, VQA, and OpenAI-style chat.
+"""The Ray Serve applications: one model application and four light ingress applications over
+it (report generation, grounding, VQA, OpenAI-style chat).
 
-Each is its own application and deployment (own replicas, autoscaling and queue limits, set in
-serve_apps/config.yaml or by `run_services`), over the shared ModelServer code path.
-
+    model                      ModelServer (serve/model_server.py): the checkpoints, batched
+                               generation; no HTTP route; its replicas autoscale on the load of
+                               all four routes together
     POST /mrg                  {"scenario", "images", "prior_images", "prior_report", "cot"}
                                -> {"findings": [...], "findings_text": "...", "report": "..."}
     POST /grounding            {"image", "phrase" | "finding" | "organ" | "region"}
@@ -13,6 +14,8 @@ serve_apps/config.yaml or by `run_services`), over the shared ModelServer code p
                                sampling, n, stop, seed and token limits (serve/openai_chat.py)
     GET  /v1/models            the served checkpoints
 
+An ingress checks the request, writes the prompt and calls the model application through a
+handle (its `model_app` arg names it), with the checkpoint as the handle's multiplexed model id.
 A field a route does not know is a 400 naming it. With API keys set (serve/access.py) every
 route needs `Authorization: Bearer <key>`.
 """
@@ -28,47 +31,120 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from m4cxr.serve.access import key_hashes
 from m4cxr.serve.inputs import (
     RequestError, decode_image, parse_grounding, parse_json, parse_mrg, parse_vqa,
 )
-from m4cxr.serve.model_server import ModelServer, check_access, error_response, serve_options
+from m4cxr.serve.access import authorized, key_hashes
+from m4cxr.serve.model_server import ModelServer, serve_options
 from m4cxr.serve.openai_chat import (
-    CHAT_FIELDS, chat_response, chunk, completion_id, parse_sampling, parse_stream, reject_unknown, sse, usage,
+    CHAT_FIELDS, Sampling, chat_response, chunk, completion_id, parse_sampling, parse_stream, reject_unknown, sse,
+    usage,
 )
 from m4cxr.serve.prompts import findings_list, grounding_response, grounding_turns, mrg_turns, vqa_turns
 
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
-class MRGService(ModelServer):
-    async def respond(self, model, body: dict) -> dict[str, Any]:
+def error_response(err: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+
+
+def check_access(request: Request, hashes: list[str]) -> None:
+    if not authorized(request.headers.get("authorization"), hashes):
+        raise RequestError("missing or invalid API key: send the header 'Authorization: Bearer <key>'", 401)
+
+
+def raise_error(out: Any) -> None:
+    if isinstance(out, dict) and "error" in out:  # the model application's 4xx
+        raise RequestError(out["error"], out["status"])
+
+
+class Ingress:
+    """What every route shares: access, the checkpoint a request names, and calls to the model
+    application."""
+
+    def __init__(self, checkpoints: list[str], default: str = "default", max_new_tokens: int = 256,
+                 api_key_hashes: list[str] | None = None, model_app: str = "model"):
+        self.checkpoints = list(checkpoints)
+        self.default = default
+        self.max_new_tokens = max_new_tokens
+        self.api_key_hashes = list(api_key_hashes or [])
+        self.model_app = model_app
+        self.infos: dict[str, dict] = {}
+        self.handle = None
+
+    def model(self, name: str):
+        if self.handle is None:  # at the first request: applications of one config file start in any order
+            self.handle = serve.get_app_handle(self.model_app)
+        return self.handle.options(multiplexed_model_id=name)
+
+    def model_id(self, request: Request, body: dict | None = None) -> str:
+        name = (body or {}).get("model") or request.headers.get("serve_multiplexed_model_id") or self.default
+        if name not in self.checkpoints:
+            raise RequestError(f"unknown model {name!r}; served: {self.checkpoints}", 404)
+        return name
+
+    async def info(self, name: str) -> dict:
+        if name not in self.infos:
+            out = await self.model(name).describe.remote()
+            raise_error(out)
+            self.infos[name] = out
+        return self.infos[name]
+
+    async def answer_details(self, name: str, conversation: list[dict], images: list, sampling: Sampling) -> list[dict]:
+        out = await self.model(name).generate.remote(conversation, images, sampling)
+        raise_error(out)
+        return out
+
+    async def answer(self, name: str, conversation: list[dict], images: list) -> str:
+        """The greedy answer within this route's token limit (the task routes)."""
+        return (await self.answer_details(name, conversation, images, Sampling(self.max_new_tokens)))[0]["text"]
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        """Parse, answer with the route's `respond`, and turn any RequestError into its 4xx."""
+        try:
+            check_access(request, self.api_key_hashes)
+            if request.method != "POST":
+                raise RequestError(f"use POST for {request.url.path}", 405)
+            body = parse_json(await request.body())
+            name = self.model_id(request, body)
+            return JSONResponse(await self.respond(name, await self.info(name), body))
+        except RequestError as err:
+            return error_response(err)
+
+    async def respond(self, name: str, info: dict, body: dict) -> dict:
+        raise NotImplementedError  # each route answers its own
+
+
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=128)
+class MRGService(Ingress):
+    async def respond(self, name: str, info: dict, body: dict) -> dict[str, Any]:
         reject_unknown(body, ("model", "scenario", "images", "prior_images", "prior_report", "cot"), "/mrg")
         req = parse_mrg(body)
-        first, second, images = mrg_turns(req, model.system_prompt)
-        answer = await self.answer(model, first, images)
+        first, second, images = mrg_turns(req, info["system_prompt"])
+        answer = await self.answer(name, first, images)
         if not req["cot"]:
             return {"findings": [], "findings_text": "", "report": answer}
-        report = await self.answer(model, first + [{"role": "assistant", "content": answer}] + second, images)
+        report = await self.answer(name, first + [{"role": "assistant", "content": answer}] + second, images)
         return {"findings": findings_list(answer), "findings_text": answer, "report": report}
 
 
-@serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
-class GroundingService(ModelServer):
-    async def respond(self, model, body: dict) -> dict[str, Any]:
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=128)
+class GroundingService(Ingress):
+    async def respond(self, name: str, info: dict, body: dict) -> dict[str, Any]:
         reject_unknown(body, ("model", "image", "box", "ask", "phrase", "finding", "organ", "region"), "/grounding")
         req = parse_grounding(body)
-        answer = await self.answer(model, grounding_turns(req, model.system_prompt), [req["image"]])
-        return grounding_response(req, answer, model.box_convention)
+        answer = await self.answer(name, grounding_turns(req, info["system_prompt"]), [req["image"]])
+        return grounding_response(req, answer, info["box_convention"])
 
 
-@serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
-class VQAService(ModelServer):
-    async def respond(self, model, body: dict) -> dict[str, Any]:
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=128)
+class VQAService(Ingress):
+    async def respond(self, name: str, info: dict, body: dict) -> dict[str, Any]:
         reject_unknown(body, ("model", "images", "question"), "/vqa")
         req = parse_vqa(body)
-        return {"answer": await self.answer(model, vqa_turns(req, model.system_prompt), req["images"])}
+        return {"answer": await self.answer(name, vqa_turns(req, info["system_prompt"]), req["images"])}
 
 
 # ----------------------------------------------------------------------------- OpenAI-style chat
@@ -122,7 +198,7 @@ def openai_error(err: RequestError) -> JSONResponse:
 
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
-class ChatService(ModelServer):
+class ChatService(Ingress):
     async def __call__(self, request: Request):
         path = request.url.path.rstrip("/")
         try:
@@ -140,25 +216,32 @@ class ChatService(ModelServer):
             sampling = parse_sampling(body, self.max_new_tokens)
             if stream and sampling.n > 1:
                 raise RequestError("n > 1 with stream: true is not supported; send one or the other")
-            name = self.model_id(body)
-            model = await self.get_model(name)
-            conv, images = chat_conversation(body.get("messages"), model.system_prompt)
+            name = self.model_id(request, body)
+            conv, images = chat_conversation(body.get("messages"), (await self.info(name))["system_prompt"])
             if stream:
-                self.check_length(model, conv, sampling.max_tokens)
-                events = self.chat_events(model, name, conv, images, sampling, include_usage)
-                return StreamingResponse(events, media_type="text/event-stream")
-            details = await self.answer_details(model, conv, images, sampling)
+                pieces = self.model(name).options(stream=True).stream.remote(conv, images, sampling)
+                first = await pieces.__anext__()  # a problem with the prompt is a 4xx before the stream starts
+                raise_error(first)
+                return StreamingResponse(self.chat_events(name, first, pieces, include_usage),
+                                         media_type="text/event-stream")
+            details = await self.answer_details(name, conv, images, sampling)
         except RequestError as err:
             return openai_error(err)
         return JSONResponse(chat_response(name, details))
 
-    async def chat_events(self, model, name: str, conv: list[dict], images: list, sampling, include_usage: bool):
+    async def chat_events(self, name: str, first, pieces, include_usage: bool):
         """The chat answer as OpenAI's chunks: the role, the text as it comes, the finish reason,
         the usage (when asked), then [DONE]. An error mid-way ends the stream with an error event."""
         cid, created = completion_id(), int(time.time())
         yield sse(chunk(cid, name, created, {"role": "assistant", "content": ""}))
+
+        async def items():
+            yield first
+            async for item in pieces:
+                yield item
+
         try:
-            async for item in self.stream_answer(model, conv, images, sampling):
+            async for item in items():
                 if isinstance(item, str):
                     yield sse(chunk(cid, name, created, {"content": item}))
                 else:
@@ -175,12 +258,17 @@ class ChatService(ModelServer):
 # ----------------------------------------------------------------------------- building and running
 
 SERVICES = {"mrg": MRGService, "grounding": GroundingService, "vqa": VQAService, "v1": ChatService}
-SERVER_ARGS = ("default", "max_batch_size", "batch_wait_timeout_s", "max_new_tokens", "use_gpu", "max_prompt_tokens")
-ARGS = ("checkpoints", "api_keys", "api_keys_file", "retry_after_s", *SERVER_ARGS)  # besides deployment options
+MODEL_ARGS = ("default", "max_batch_size", "batch_wait_timeout_s", "max_new_tokens", "use_gpu", "max_prompt_tokens")
+# one args block may serve every application of a config file: each takes what it uses
+ARGS = ("checkpoints", "api_keys", "api_keys_file", "retry_after_s", "model_app", *MODEL_ARGS,
+        "max_ongoing_requests", "max_queued_requests", "autoscaling_config", "ray_actor_options")
 
 
 def build(name: str, args: dict[str, Any]):
-    """An application from `serve run` args: checkpoints {name: folder}, server and deployment options."""
+    """An application from `serve run` args: "model" (ModelServer over checkpoints {name: folder})
+    or an ingress route (mrg, grounding, vqa, v1) over the model application `model_app`."""
+    if name != "model" and name not in SERVICES:
+        raise ValueError(f"no application {name!r}; choose model or one of {list(SERVICES)}")
     checkpoints = args.get("checkpoints") or {}
     if isinstance(checkpoints, str):
         checkpoints = {"default": checkpoints}
@@ -190,22 +278,28 @@ def build(name: str, args: dict[str, Any]):
     for k, v in checkpoints.items():
         if not (Path(v) / "m4cxr.json").is_file():
             raise FileNotFoundError(f"application {name}: checkpoint {k!r} at {v} is not an M4CXR checkpoint")
-    unknown = sorted(set(args) - set(ARGS) - {"max_ongoing_requests", "max_queued_requests", "autoscaling_config",
-                                               "ray_actor_options"})
+    unknown = sorted(set(args) - set(ARGS))
     if unknown:
-        raise ValueError(f"application {name}: unknown args {unknown}; known: {sorted(ARGS)} and deployment options")
-    server = {k: args[k] for k in SERVER_ARGS if k in args}
-    # keys become hashes here: the replicas (and Serve's stored options) never hold a key itself
-    server["api_key_hashes"] = key_hashes(args.get("api_keys"), args.get("api_keys_file", ""))
-    if "default" not in server:
-        server["default"] = next(iter(checkpoints))
-    deployment = SERVICES[name]
+        raise ValueError(f"application {name}: unknown args {unknown}; known: {sorted(ARGS)}")
+    default = args.get("default") or next(iter(checkpoints))
     options = serve_options(args)
     actor = options.setdefault("ray_actor_options", {})
-    if server.get("use_gpu"):
-        actor.setdefault("num_gpus", 1)
-    actor.setdefault("num_cpus", 1 if server.get("use_gpu") else 0.25)  # four services share a small machine
-    return deployment.options(**options).bind(checkpoints=checkpoints, **server)
+    if name == "model":
+        server = {k: args[k] for k in MODEL_ARGS if k in args} | {"default": default}
+        if server.get("use_gpu"):
+            actor.setdefault("num_gpus", 1)
+        actor.setdefault("num_cpus", 1 if server.get("use_gpu") else 0.25)
+        return ModelServer.options(**options).bind(checkpoints=checkpoints, **server)
+    actor.setdefault("num_cpus", 0.05)  # an ingress only checks requests and writes prompts
+    # keys become hashes here: the replicas (and Serve's stored options) never hold a key itself
+    return SERVICES[name].options(**options).bind(
+        checkpoints=list(checkpoints), default=default, max_new_tokens=args.get("max_new_tokens", 256),
+        api_key_hashes=key_hashes(args.get("api_keys"), args.get("api_keys_file", "")),
+        model_app=args.get("model_app", "model"))
+
+
+def model_app(args: dict[str, Any]):
+    return build("model", args)
 
 
 def mrg_app(args: dict[str, Any]):
@@ -226,11 +320,13 @@ def chat_app(args: dict[str, Any]):
 
 def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str = "127.0.0.1",
                  apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1"), **args: Any) -> str:
-    """Start the applications on this Ray cluster; returns the base URL."""
+    """Start the model application and the routes over it on this Ray cluster; returns the base URL."""
     from m4cxr.ray_cluster import init_ray
 
     init_ray()
     serve.start(http_options={"host": host, "port": port})
+    args = {"checkpoints": checkpoints, **args}
+    serve.run(build("model", args), name=args.get("model_app", "model"), route_prefix=None)
     for name in apps:
-        serve.run(build(name, {"checkpoints": checkpoints, **args}), name=name, route_prefix=f"/{name}")
+        serve.run(build(name, args), name=name, route_prefix=f"/{name}")
     return f"http://{host}:{port}"

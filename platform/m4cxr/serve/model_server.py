@@ -1,15 +1,17 @@
-"""The code path every service shares: checkpoints by name (serve.multiplexed), generation in
-dynamic batches (serve.batch), a health check that generates, and JSON errors.
+"""The model deployment: one per served base model, behind every route (serve/apps.py's
+/mrg, /grounding, /vqa and /v1 are light ingress deployments that call it through a handle), so
+requests of all tasks batch together in it and its replicas autoscale on their joint load.
 
-A request names its checkpoint with Serve's model-id header (`serve_multiplexed_model_id`; the
-chat route also reads the body's "model"); without one, the default checkpoint answers. Each
-batched call is one generation: requests queue for up to `batch_wait_timeout_s` and are answered
-together, left-padded, so an answer is the same as it would be alone (fp32 on CPU). Items of a
-batch that name different checkpoints or different generation settings (serve/openai_chat.py
-Sampling) are generated per group; a seeded request is a group of its own, so that its seed
-alone decides its samples. A streamed answer is generated on its own as it comes.
+It holds the checkpoints by name (serve.multiplexed): a call names its checkpoint with the
+handle's multiplexed model id; without one, the default answers. Each batched call is one
+generation: requests queue for up to `batch_wait_timeout_s` and are answered together,
+left-padded, so an answer is the same as it would be alone (fp32 on CPU). Items of a batch that
+name different checkpoints or different generation settings (serve/openai_chat.py Sampling) are
+generated per group; a seeded request is a group of its own, so that its seed alone decides its
+samples. A streamed answer is generated on its own as it comes.
 
-With API keys configured (serve/access.py) every request needs `Authorization: Bearer <key>`.
+A request's problem (an unknown checkpoint, a prompt over the context limit) comes back as
+{"error", "status"} rather than as an exception, so that the ingress answers it with its 4xx.
 """
 
 from __future__ import annotations
@@ -19,31 +21,19 @@ import logging
 from typing import Any
 
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
-from m4cxr.serve.access import authorized
-from m4cxr.serve.inputs import RequestError, parse_json
+from m4cxr.serve.inputs import RequestError
 from m4cxr.serve.openai_chat import Sampling
 
 log = logging.getLogger("ray.serve")
 
 
-def error_response(err: RequestError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
-
-
-def check_access(request: Request, hashes: list[str]) -> None:
-    if not authorized(request.headers.get("authorization"), hashes):
-        raise RequestError("missing or invalid API key: send the header 'Authorization: Bearer <key>'", 401)
-
-
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=256)
 class ModelServer:
     def __init__(self, checkpoints: dict[str, str], default: str = "default", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.02, max_new_tokens: int = 256, use_gpu: bool = False,
-                 max_prompt_tokens: int = 0, api_key_hashes: list[str] | None = None):
+                 max_prompt_tokens: int = 0):
         import torch
 
         if default not in checkpoints:
@@ -57,7 +47,6 @@ class ModelServer:
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.system = DEFAULT_SYSTEM_PROMPT
-        self.api_key_hashes = list(api_key_hashes or [])
 
     # -- checkpoints
 
@@ -73,8 +62,36 @@ class ModelServer:
         model.context_limit = self.max_prompt_tokens or exp.train.max_seq_len
         return model
 
-    def model_id(self, body: dict | None = None) -> str:
-        return (body or {}).get("model") or serve.get_multiplexed_model_id() or self.default
+    async def current_model(self):
+        return await self.get_model(serve.get_multiplexed_model_id() or self.default)
+
+    # -- what the ingress deployments call
+
+    async def describe(self) -> dict[str, Any]:
+        """What an ingress needs to write prompts and read answers for the named checkpoint."""
+        try:
+            model = await self.current_model()
+        except RequestError as err:
+            return {"error": err.message, "status": err.status}
+        return {"system_prompt": model.system_prompt, "box_convention": model.box_convention}
+
+    async def generate(self, conversation: list[dict], images: list, sampling: Sampling) -> list[dict] | dict:
+        """The details of the request's n answers (model/m4cxr.py generate_details)."""
+        try:
+            return await self.answer_details(await self.current_model(), conversation, images, sampling)
+        except RequestError as err:
+            return {"error": err.message, "status": err.status}
+
+    async def stream(self, conversation: list[dict], images: list, sampling: Sampling):
+        """The answer's text pieces as they come, then its details (a dict) last."""
+        try:
+            model = await self.current_model()
+            self.check_length(model, conversation, sampling.max_tokens)
+        except RequestError as err:
+            yield {"error": err.message, "status": err.status}
+            return
+        async for item in self.stream_answer(model, conversation, images, sampling):
+            yield item
 
     # -- generation
 
@@ -96,10 +113,6 @@ class ModelServer:
             for k, i in enumerate(idx):
                 answers[i] = out[k * sampling.n:(k + 1) * sampling.n]
         return answers  # type: ignore[return-value]
-
-    async def answer(self, model, conversation: list[dict], images: list) -> str:
-        """The greedy answer within the server's token limit (the task routes)."""
-        return (await self.answer_details(model, conversation, images, Sampling(self.max_new_tokens)))[0]["text"]
 
     async def answer_details(self, model, conversation: list[dict], images: list, sampling: Sampling) -> list[dict]:
         self.check_length(model, conversation, sampling.max_tokens)
@@ -163,24 +176,6 @@ class ModelServer:
         """Serve's health check: the default model must still generate (a replica that fails it
         is replaced)."""
         await probe_generation(await self.get_model(self.default))
-
-    # -- requests
-
-    async def __call__(self, request: Request) -> JSONResponse:
-        """Parse, answer with the service's `respond`, and turn any RequestError into its 4xx."""
-        try:
-            check_access(request, self.api_key_hashes)
-            if request.method != "POST":
-                raise RequestError(f"use POST for {request.url.path}", 405)
-            body = parse_json(await request.body())
-            model = await self.get_model(self.model_id(body))
-            return JSONResponse(await self.respond(model, body))
-        except RequestError as err:
-            return error_response(err)
-
-    async def respond(self, model, body: dict) -> dict:
-        raise NotImplementedError  # each service answers its own route
-
 
 async def probe_generation(model) -> None:
     """Two tokens for a blank image; raises when the model cannot generate."""
