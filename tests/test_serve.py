@@ -407,3 +407,29 @@ def test_model_replicas_rise_under_sustained_load_and_fall_after(services, tiny_
     finally:
         serve.delete("scaled")
         serve.delete("scaling")
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config.gpu.yaml"])
+def test_serve_config_files_match_the_applications(name):
+    """Ray's schema accepts the config files; their import paths, args and deployment names are the
+    applications' own; every route calls the model application the file defines."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from m4cxr.serve import apps
+
+    config = yaml.safe_load((ROOT / "serve_apps" / name).read_text())
+    ServeDeploySchema.model_validate(config)
+    models = {a["name"] for a in config["applications"] if a["import_path"].endswith(":model_app")}
+    assert len(models) == 1
+    for app in config["applications"]:
+        module, builder = app["import_path"].split(":")
+        assert callable(getattr(importlib.import_module(module), builder))
+        assert set(app["args"]) <= set(apps.ARGS), app["name"]
+        kind = builder.removesuffix("_app").replace("chat", "v1")
+        cls = apps.ModelServer if kind == "model" else apps.SERVICES[kind]
+        assert [d["name"] for d in app["deployments"]] == [cls.name]
+        if kind != "model":
+            assert app["args"]["model_app"] in models and app["route_prefix"]
