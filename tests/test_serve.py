@@ -207,13 +207,18 @@ def test_dicom_is_read_with_its_photometric_interpretation_and_no_patient_data(s
     assert status == 200 and "SECRET" not in json.dumps(body) and "Doe" not in json.dumps(body)
 
 
+def findings_request(xray) -> list[dict]:
+    """A chat asking for the findings of one image, as the openai client sends it."""
+    image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64(xray)}"}}
+    return [{"role": "user", "content": [{"type": "text", "text": "radiology image:"}, image_part,
+                                         {"type": "text", "text": "Provide a description of the findings."}]}]
+
+
 def test_openai_client_two_turn_chat_with_an_image(services, xray):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{services}/v1", api_key="unused", max_retries=0)
-    image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64(xray)}"}}
-    messages = [{"role": "user", "content": [{"type": "text", "text": "radiology image:"}, image_part,
-                                             {"type": "text", "text": "Provide a description of the findings."}]}]
+    messages = findings_request(xray)
     first = client.chat.completions.create(model="default", messages=messages)
     report = first.choices[0].message.content
     assert first.choices[0].message.role == "assistant" and isinstance(report, str)
@@ -235,9 +240,7 @@ def test_openai_client_streams_samples_and_counts(services, xray):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{services}/v1", api_key="unused", max_retries=0)
-    image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64(xray)}"}}
-    messages = [{"role": "user", "content": [{"type": "text", "text": "radiology image:"}, image_part,
-                                             {"type": "text", "text": "Provide a description of the findings."}]}]
+    messages = findings_request(xray)
     plain = client.chat.completions.create(model="default", messages=messages)
     answer = plain.choices[0].message.content
     assert plain.usage.prompt_tokens > 16 and 1 <= plain.usage.completion_tokens <= 8  # the server's 8 new tokens
