@@ -133,17 +133,21 @@ def optuna_plots(exp: Experiment, rows: list[dict], out: Path) -> dict[str, str]
     return paths
 
 
-def trial_spans(rows: list[dict], out: Path) -> dict[str, dict[str, tuple[float, float]]]:
-    """When each trial ran (from Tune's result.json: its start to its last report) and when it
-    trained (its first to its last step, from its metrics.jsonl), in seconds since the epoch."""
+def trial_spans(rows: list[dict], out: Path) -> dict[str, dict[str, Any]]:
+    """When each trial ran and when it trained, in seconds since the epoch: its iterations as
+    Tune timed them (result.json: each report's time, less the time since the one before, so the
+    first one includes its start-up and a continued sweep's pause falls between them), and its
+    first to last training step (its metrics.jsonl)."""
     spans = {}
     for r in rows:
         tune_file, train_file = out / r["trial"] / "result.json", out / "trials" / r["trial"] / "metrics.jsonl"
         reports = [json.loads(line) for line in tune_file.open() if line.strip()] if tune_file.is_file() else []
         steps = [json.loads(line)["time"] for line in train_file.open() if line.strip()] if train_file.is_file() else []
-        if reports and steps:
-            first, last = reports[0], reports[-1]
-            spans[r["trial"]] = {"trial": (first["timestamp"] - first["time_total_s"], last["timestamp"]),
+        if reports and steps and any(x["time_this_iter_s"] > 1 for x in reports):
+            # Tune's timestamp is whole seconds (the true end lies in [t, t + 1)): keep what is
+            # surely inside each iteration, so that trials one after the other never count as side by side
+            spans[r["trial"]] = {"iterations": [(x["timestamp"] + 1 - x["time_this_iter_s"], x["timestamp"])
+                                                for x in reports if x["time_this_iter_s"] > 1],
                                  "training": (min(steps), max(steps))}
     return spans
 
@@ -159,23 +163,25 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
 
 
 def plot_timeline(rows: list[dict], spans: dict, path: Path) -> Path:
-    """A bar per trial: its whole run light, its training steps dark, coloured by status."""
+    """A bar per trial: its iterations light, its training steps dark, coloured by status."""
     colours = {"completed": "tab:green", "stopped early": "tab:orange", "error": "tab:red"}
-    start = min(s["trial"][0] for s in spans.values())
-    shown = sorted((r for r in rows if r["trial"] in spans), key=lambda r: spans[r["trial"]]["trial"][0])
+    start = min(a for s in spans.values() for a, _ in s["iterations"])
+    shown = sorted((r for r in rows if r["trial"] in spans), key=lambda r: spans[r["trial"]]["iterations"][0][0])
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.6))
     for y, r in enumerate(shown):
         colour = colours.get(r["status"], "grey")
-        (a, b), (c, d) = spans[r["trial"]]["trial"], spans[r["trial"]]["training"]
-        ax.barh(y, b - a, left=a - start, color=colour, alpha=0.3, height=0.8)
+        iterations, (c, d) = spans[r["trial"]]["iterations"], spans[r["trial"]]["training"]
+        ax.broken_barh([(a - start, b - a) for a, b in iterations], (y - 0.4, 0.8), color=colour, alpha=0.3)
         ax.barh(y, max(d - c, 0.5), left=c - start, color=colour, height=0.4)
-        ax.annotate(f"{r['steps']} steps", (b - start, y), xytext=(3, -3), textcoords="offset points", fontsize=7)
+        ax.annotate(f"{r['steps']} steps", (iterations[-1][1] - start, y), xytext=(3, -3), textcoords="offset points",
+                    fontsize=7)
     ax.set_yticks(range(len(shown)), [r["trial"] for r in shown], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the sweep's first trial started (dark: training steps; light: start-up, validation)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, list(colours), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title(f"{len(shown)} trials, at most {most_at_once([s['trial'] for s in spans.values()])} side by side")
+    ax.set_title(f"{len(shown)} trials, at most {most_at_once([i for s in spans.values() for i in s['iterations']])} "
+                 f"side by side")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -195,7 +201,7 @@ def write_outputs(exp: Experiment, grid, out: Path) -> dict:
                                "table": str(out / "results.md")}
     spans = trial_spans(rows, out)
     if spans:
-        summary["most_trials_at_once"] = most_at_once([s["trial"] for s in spans.values()])
+        summary["most_trials_at_once"] = most_at_once([i for s in spans.values() for i in s["iterations"]])
         summary["most_trials_training_at_once"] = most_at_once([s["training"] for s in spans.values()])
         summary["timeline"] = str(plot_timeline(rows, spans, out / "timeline.png"))
     if not completed:
