@@ -31,10 +31,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from m4cxr.serve.access import authorized, key_hashes
 from m4cxr.serve.inputs import (
     RequestError, decode_image, parse_grounding, parse_json, parse_mrg, parse_vqa,
 )
-from m4cxr.serve.access import authorized, key_hashes
 from m4cxr.serve.model_server import ModelServer, serve_options
 from m4cxr.serve.openai_chat import (
     CHAT_FIELDS, Sampling, chat_response, chunk, completion_id, parse_sampling, parse_stream, reject_unknown, sse,
