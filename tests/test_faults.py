@@ -51,10 +51,21 @@ def test_killed_worker_right_after_a_checkpoint_and_mid_interval(ray_local, synt
     corpus, _ = synthetic_corpus
     killer = Killer(tmp_path / "killed", [(after_checkpoint(1), "RayTrainWorker"), (at_step(10), "RayTrainWorker")])
     killer.start()
-    summary = run_stage(experiment(tmp_path), "instruction", corpus, run_name="killed")
+    summary = run_stage(experiment(tmp_path, "tracking.log_to=[mlflow]"), "instruction", corpus, run_name="killed")
     killer.done.set()
     assert len(killer.killed) == 2, killer.killed
     rows = check_recovered(tmp_path / "killed", summary, restarts=2)
+    # the restarted workers went on logging into the same MLflow run: every step is there, with
+    # the loss of metrics.jsonl, and the run ends with the final checkpoint
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    logged = {(r["step"], round(r["loss"], 5)) for r in rows}
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert {m.step for m in history} == set(range(1, STEPS + 1))
+    assert {(m.step, round(m.value, 5)) for m in history} <= logged
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(tmp_path / "killed/final")
     # the second kill came at step 10: the run resumed from the step-8 checkpoint, or from step 4's
     # when Ray Train's controller had not yet taken in the step-8 report (it polls the workers
     # every 2 s); the steps after it are trained again, from the same stream positions

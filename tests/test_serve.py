@@ -279,6 +279,25 @@ def test_openai_client_streams_samples_and_counts(services, xray):
         client.chat.completions.create(model="default", messages=messages, extra_body={"my_field": 1})
 
 
+def test_each_application_takes_only_its_own_args_and_the_model_keeps_its_token_limit(services, tiny_checkpoints,
+                                                                                     xray):
+    from ray import serve
+
+    from m4cxr.serve.apps import build
+
+    with pytest.raises(ValueError, match=r"args \['max_batch_size'\] are not its own"):
+        build("vqa", {"checkpoints": tiny_checkpoints, "max_batch_size": 4})
+    with pytest.raises(ValueError, match=r"args \['api_keys'\] are not its own"):
+        build("model", {"checkpoints": tiny_checkpoints, "api_keys": ["k"]})
+    # a route allowing more new tokens than the shared model server (8 here) gets its refusal
+    serve.run(build("vqa", {"checkpoints": tiny_checkpoints, "max_new_tokens": 64}), name="long", route_prefix="/long")
+    try:
+        status, payload, _ = post(f"{services}/long", {"images": [png_b64(xray)], "question": "?"})
+        assert status == 400 and "generates at most 8" in payload["error"], payload
+    finally:
+        serve.delete("long")
+
+
 def test_api_keys_are_required_when_set_and_never_logged(services, tiny_checkpoints, monkeypatch):
     import glob
 
@@ -348,7 +367,7 @@ def test_over_capacity_gets_503_with_retry_after_and_accepted_requests_finish(se
 
     from m4cxr.serve.apps import build
 
-    app = build("vqa", {"checkpoints": tiny_checkpoints, "max_new_tokens": 24, "max_batch_size": 1,
+    app = build("vqa", {"checkpoints": tiny_checkpoints, "max_new_tokens": 8,
                         "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 3})
     serve.run(app, name="busy", route_prefix="/busy")
     b64 = png_b64(xray)
@@ -430,8 +449,9 @@ def test_serve_config_files_match_the_applications(name):
     for app in config["applications"]:
         module, builder = app["import_path"].split(":")
         assert callable(getattr(importlib.import_module(module), builder))
-        assert set(app["args"]) <= set(apps.ARGS), app["name"]
         kind = builder.removesuffix("_app").replace("chat", "v1")
+        own = apps.MODEL_ARGS if kind == "model" else apps.ROUTE_ARGS
+        assert set(app["args"]) <= set(apps.BOTH_ARGS + own + apps.DEPLOYMENT_ARGS), app["name"]
         cls = apps.ModelServer if kind == "model" else apps.SERVICES[kind]
         assert [d["name"] for d in app["deployments"]] == [cls.name]
         if kind != "model":

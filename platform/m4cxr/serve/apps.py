@@ -191,10 +191,8 @@ def chat_conversation(messages: Any, system: str) -> tuple[list[dict], list]:
 def openai_error(err: RequestError) -> JSONResponse:
     """An error in OpenAI's shape, which its clients read the message from."""
     kind = {401: "authentication_error", 404: "not_found_error"}.get(err.status, "invalid_request_error")
-    response = error_response(err)
     return JSONResponse({"error": {"message": err.message, "type": kind, "param": None, "code": err.status}},
-                        status_code=err.status, headers={k: v for k, v in response.headers.items()
-                                                         if k.lower() == "www-authenticate"})
+                        status_code=err.status, headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None)
 
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
@@ -258,10 +256,10 @@ class ChatService(Ingress):
 # ----------------------------------------------------------------------------- building and running
 
 SERVICES = {"mrg": MRGService, "grounding": GroundingService, "vqa": VQAService, "v1": ChatService}
-MODEL_ARGS = ("default", "max_batch_size", "batch_wait_timeout_s", "max_new_tokens", "use_gpu", "max_prompt_tokens")
-# one args block may serve every application of a config file: each takes what it uses
-ARGS = ("checkpoints", "api_keys", "api_keys_file", "retry_after_s", "model_app", *MODEL_ARGS,
-        "max_ongoing_requests", "max_queued_requests", "autoscaling_config", "ray_actor_options")
+BOTH_ARGS = ("checkpoints", "default", "max_new_tokens")
+MODEL_ARGS = ("max_batch_size", "batch_wait_timeout_s", "use_gpu", "max_prompt_tokens")  # the model application's
+ROUTE_ARGS = ("api_keys", "api_keys_file", "retry_after_s", "model_app")  # a route's
+DEPLOYMENT_ARGS = ("max_ongoing_requests", "max_queued_requests", "autoscaling_config", "ray_actor_options")
 
 
 def build(name: str, args: dict[str, Any]):
@@ -278,14 +276,15 @@ def build(name: str, args: dict[str, Any]):
     for k, v in checkpoints.items():
         if not (Path(v) / "m4cxr.json").is_file():
             raise FileNotFoundError(f"application {name}: checkpoint {k!r} at {v} is not an M4CXR checkpoint")
-    unknown = sorted(set(args) - set(ARGS))
-    if unknown:
-        raise ValueError(f"application {name}: unknown args {unknown}; known: {sorted(ARGS)}")
+    known = BOTH_ARGS + (MODEL_ARGS if name == "model" else ROUTE_ARGS) + DEPLOYMENT_ARGS
+    unknown = sorted(set(args) - set(known))
+    if unknown:  # e.g. max_batch_size given to a route, which does not batch: say so, not ignore it
+        raise ValueError(f"application {name}: args {unknown} are not its own; it takes {list(known)}")
     default = args.get("default") or next(iter(checkpoints))
     options = serve_options(args)
     actor = options.setdefault("ray_actor_options", {})
     if name == "model":
-        server = {k: args[k] for k in MODEL_ARGS if k in args} | {"default": default}
+        server = {k: args[k] for k in MODEL_ARGS + ("max_new_tokens",) if k in args} | {"default": default}
         if server.get("use_gpu"):
             actor.setdefault("num_gpus", 1)
         actor.setdefault("num_cpus", 1 if server.get("use_gpu") else 0.25)
@@ -320,13 +319,20 @@ def chat_app(args: dict[str, Any]):
 
 def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str = "127.0.0.1",
                  apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1"), **args: Any) -> str:
-    """Start the model application and the routes over it on this Ray cluster; returns the base URL."""
+    """Start the model application and the routes over it on this Ray cluster; returns the base
+    URL. `args` are the applications' (each takes its own); deployment options belong in a config
+    file or `build`."""
     from m4cxr.ray_cluster import init_ray
 
+    unknown = sorted(set(args) - set(BOTH_ARGS + MODEL_ARGS + ROUTE_ARGS))
+    if unknown:
+        raise ValueError(f"run_services: unknown args {unknown}")
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     args = {"checkpoints": checkpoints, **args}
-    serve.run(build("model", args), name=args.get("model_app", "model"), route_prefix=None)
+    model_args = {k: v for k, v in args.items() if k not in ROUTE_ARGS}
+    route_args = {k: v for k, v in args.items() if k not in MODEL_ARGS}
+    serve.run(build("model", model_args), name=args.get("model_app", "model"), route_prefix=None)
     for name in apps:
-        serve.run(build(name, args), name=name, route_prefix=f"/{name}")
+        serve.run(build(name, route_args), name=name, route_prefix=f"/{name}")
     return f"http://{host}:{port}"

@@ -46,7 +46,6 @@ class ModelServer:
         self.max_prompt_tokens = max_prompt_tokens
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.system = DEFAULT_SYSTEM_PROMPT
 
     # -- checkpoints
 
@@ -90,7 +89,7 @@ class ModelServer:
         except RequestError as err:
             yield {"error": err.message, "status": err.status}
             return
-        async for item in self.stream_answer(model, conversation, images, sampling):
+        async for item in self.stream_answer(model, conversation, images, sampling):  # checked above
             yield item
 
     # -- generation
@@ -124,7 +123,6 @@ class ModelServer:
 
         from transformers import TextIteratorStreamer
 
-        self.check_length(model, conversation, sampling.max_tokens)
         streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         result: dict = {}
 
@@ -163,10 +161,14 @@ class ModelServer:
                 yield rest
         yield result["details"]
 
-    def check_length(self, model, conversation: list[dict], max_tokens: int | None = None) -> None:
+    def check_length(self, model, conversation: list[dict], new_tokens: int) -> None:
+        """The model server's own limits: new tokens up to its max_new_tokens (whatever a route
+        allows), prompt and new tokens within the context."""
         from m4cxr.model.tokenizer import encode_conversation
 
-        new_tokens = max_tokens or self.max_new_tokens
+        if new_tokens > self.max_new_tokens:
+            raise RequestError(f"{new_tokens} new tokens asked; this model server generates at most "
+                               f"{self.max_new_tokens}")
         ids, _ = encode_conversation(model.tokenizer, conversation, model.tokens_per_image, for_generation=True)
         if len(ids) + new_tokens > model.context_limit:
             raise RequestError(f"the prompt is {len(ids)} tokens; with {new_tokens} new tokens it is over "
