@@ -1,6 +1,7 @@
 """Serving: the model application and the four routes over it, started in-process on 127.0.0.1
-with a tiny checkpoint; every route with valid and invalid requests, concurrency, batching,
-DICOM, several checkpoints, the openai client, API keys, and the model's replicas autoscaling."""
+with tiny checkpoints, on both engines side by side (vLLM at /, transformers at /hf/); every route
+with valid and invalid requests, concurrency, batching, DICOM, several checkpoints as LoRA
+adapters of one base, the openai client, API keys, and the model's replicas autoscaling."""
 
 import base64
 import io
@@ -27,9 +28,19 @@ def png_b64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def randomize_lora(model, seed: int) -> None:
+    """Random LoRA weights (peft starts B at zero, where an adapter changes nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoints(synthetic_corpus, tmp_path_factory):
-    """Two tiny checkpoints with random weights (different seeds): "default" and "other"."""
+    """Two tiny checkpoints with random weights, "default" and "other": the same base LLM with
+    different LoRA adapters, as a run's checkpoint and a sweep's winner have."""
     from m4cxr.model.checkpoint import save_checkpoint
     from m4cxr.model.m4cxr import build_model
     from m4cxr.model.tokenizer import corpus_texts, train_tiny_tokenizer
@@ -38,24 +49,46 @@ def tiny_checkpoints(synthetic_corpus, tmp_path_factory):
     exp = load_experiment(ROOT / "experiments/quickstart.yaml")
     tok = train_tiny_tokenizer(corpus_texts(read_sample_table(corpus, "train").column("turns").to_pylist()[:500]), 500)
     out = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = build_model(exp, tok)
     paths = {}
     for seed, name in ((0, "default"), (1, "other")):
-        torch.manual_seed(seed)
-        paths[name] = str(save_checkpoint(build_model(exp, tok), exp, out / name))
+        randomize_lora(model, seed)
+        paths[name] = str(save_checkpoint(model, exp, out / name))
     return paths
+
+
+SERVICE_ARGS = dict(max_new_tokens=8, max_batch_size=16, batch_wait_timeout_s=0.05, max_prompt_tokens=400)
 
 
 @pytest.fixture(scope="module")
 def services(ray_local, tiny_checkpoints):
+    """The services on the default engine: vLLM where it is installed."""
     from ray import serve
 
     from m4cxr.serve.apps import run_services
 
-    port = free_port()
-    url = run_services(tiny_checkpoints, port=port, max_new_tokens=8, max_batch_size=16, batch_wait_timeout_s=0.05,
-                       max_prompt_tokens=400)
-    yield url
+    yield run_services(tiny_checkpoints, port=free_port(), **SERVICE_ARGS)
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_services(services, tiny_checkpoints):
+    """The same services on the transformers engine, beside the first (at /hf/...)."""
+    from urllib.parse import urlparse
+
+    from m4cxr.serve.apps import run_services
+
+    return run_services(tiny_checkpoints, port=urlparse(services).port, prefix="hf", engine="hf", **SERVICE_ARGS)
+
+
+@pytest.fixture(params=["vllm", "hf"])
+def each_engine(request, services, hf_services):
+    from m4cxr.serve.vllm_engine import vllm_installed
+
+    if request.param == "vllm" and not vllm_installed():
+        pytest.skip("vLLM is not installed")
+    return services if request.param == "vllm" else hf_services
 
 
 @pytest.fixture(scope="module")
@@ -79,22 +112,22 @@ def post(url: str, body, headers: dict | None = None, raw: bytes | None = None) 
         return err.code, payload, dict(err.headers)
 
 
-def test_every_route_answers(services, xray):
+def test_every_route_answers(each_engine, xray):
     b64 = png_b64(xray)
-    status, body, _ = post(f"{services}/mrg", {"scenario": "single_image", "images": [b64]})
+    status, body, _ = post(f"{each_engine}/mrg", {"scenario": "single_image", "images": [b64]})
     assert status == 200 and set(body) == {"findings", "findings_text", "report"} and isinstance(body["report"], str)
-    status, body, _ = post(f"{services}/mrg", {"scenario": "multi_study", "images": [b64, b64], "prior_images": [b64],
+    status, body, _ = post(f"{each_engine}/mrg", {"scenario": "multi_study", "images": [b64, b64], "prior_images": [b64],
                                                "prior_report": "No acute process.", "cot": False})
     assert status == 200 and body["findings"] == []
-    status, body, _ = post(f"{services}/grounding", {"image": b64, "phrase": "small left pleural effusion"})
+    status, body, _ = post(f"{each_engine}/grounding", {"image": b64, "phrase": "small left pleural effusion"})
     assert status == 200 and {"box", "box_pixels", "answer"} <= set(body)
     if body["box"] is not None:  # random weights may not write a box; when they do it is in range
         assert all(0 <= v <= 100 for v in body["box"])
-    status, body, _ = post(f"{services}/grounding", {"image": b64, "box": [10, 20, 40, 60], "ask": "organ"})
+    status, body, _ = post(f"{each_engine}/grounding", {"image": b64, "box": [10, 20, 40, 60], "ask": "organ"})
     assert status == 200 and isinstance(body["answer"], str)
-    status, body, _ = post(f"{services}/vqa", {"images": [b64, b64], "question": "What has changed?"})
+    status, body, _ = post(f"{each_engine}/vqa", {"images": [b64, b64], "question": "What has changed?"})
     assert status == 200 and isinstance(body["answer"], str)
-    with urllib.request.urlopen(f"{services}/v1/models", timeout=30) as r:
+    with urllib.request.urlopen(f"{each_engine}/v1/models", timeout=30) as r:
         assert [m["id"] for m in json.loads(r.read())["data"]] == ["default", "other"]
 
 
@@ -111,7 +144,7 @@ def bomb_png() -> str:
     return base64.b64encode(png).decode()
 
 
-def test_bad_requests_get_their_own_4xx(services, xray):
+def test_bad_requests_get_their_own_4xx(each_engine, xray):
     b64 = png_b64(xray)
     good_png = base64.b64decode(b64)
     corrupt = base64.b64encode(good_png[:60] + b"\0" * 200).decode()
@@ -149,33 +182,54 @@ def test_bad_requests_get_their_own_4xx(services, xray):
          "n > 1 with stream"),
     ]
     for route, body, raw, code, message in cases:
-        status, payload, _ = post(f"{services}{route}", body, raw=raw)
+        status, payload, _ = post(f"{each_engine}{route}", body, raw=raw)
         error = payload.get("error", "")
         error = error["message"] if route.startswith("/v1") else error  # OpenAI's shape on /v1
         assert status == code and message in error, (route, body and str(body)[:80], status, payload)
-    status, payload, _ = post(f"{services}/vqa", {"images": [b64], "question": "?"},
+    status, payload, _ = post(f"{each_engine}/vqa", {"images": [b64], "question": "?"},
                               headers={"serve_multiplexed_model_id": "nope"})
     assert status == 404 and "unknown model 'nope'" in payload["error"]
 
 
-def test_sixteen_concurrent_requests_and_batching_changes_nothing(services, xray):
+def test_sixteen_concurrent_requests_and_batching_changes_nothing(each_engine, xray):
     b64 = png_b64(xray)
     questions = [f"Is there finding number {i} in this image?" for i in range(16)]
-    alone = [post(f"{services}/vqa", {"images": [b64], "question": q})[1]["answer"] for q in questions[:4]]
+    alone = [post(f"{each_engine}/vqa", {"images": [b64], "question": q})[1]["answer"] for q in questions[:4]]
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda q: post(f"{services}/vqa", {"images": [b64], "question": q}), questions))
+        results = list(pool.map(lambda q: post(f"{each_engine}/vqa", {"images": [b64], "question": q}), questions))
     assert [r[0] for r in results] == [200] * 16
     assert [r[1]["answer"] for r in results[:4]] == alone  # batched answers equal one-by-one answers
 
 
-def test_checkpoints_are_chosen_per_request(services, xray):
+def test_checkpoints_are_chosen_per_request(each_engine, xray):
     b64 = png_b64(xray)
     body = {"images": [b64], "question": "Is the heart enlarged?"}
-    default = post(f"{services}/vqa", body)[1]["answer"]
-    again = post(f"{services}/vqa", body, headers={"serve_multiplexed_model_id": "default"})[1]["answer"]
-    other = post(f"{services}/vqa", body, headers={"serve_multiplexed_model_id": "other"})
+    default = post(f"{each_engine}/vqa", body)[1]["answer"]
+    again = post(f"{each_engine}/vqa", body, headers={"serve_multiplexed_model_id": "default"})[1]["answer"]
+    other = post(f"{each_engine}/vqa", body, headers={"serve_multiplexed_model_id": "other"})
     assert other[0] == 200 and again == default
-    assert other[1]["answer"] != default  # different random weights answer differently
+    assert other[1]["answer"] != default  # different adapters answer differently
+
+
+def test_vllm_answers_as_transformers_does_with_both_adapters_on_one_engine(services, hf_services, xray):
+    """Greedy in float32, the vLLM engine (prompt embeddings, LoRA) writes the transformers
+    engine's answers, for each checkpoint and for the report's two turns; the checkpoints share one
+    engine (one base, two adapters)."""
+    from ray import serve
+
+    from m4cxr.serve.vllm_engine import vllm_installed
+
+    if not vllm_installed():
+        pytest.skip("vLLM is not installed")
+    b64 = png_b64(xray)
+    for name in ("default", "other"):
+        headers = {"serve_multiplexed_model_id": name}
+        for route, body in (("/vqa", {"images": [b64], "question": "Is the heart enlarged?"}),
+                            ("/mrg", {"scenario": "multi_image", "images": [b64, b64]})):
+            on_vllm, on_hf = post(f"{services}{route}", body, headers), post(f"{hf_services}{route}", body, headers)
+            assert on_vllm[0] == on_hf[0] == 200 and on_vllm[1] == on_hf[1], (name, route, on_vllm[1], on_hf[1])
+    info = serve.get_app_handle("model").options(multiplexed_model_id="other").describe.remote().result()
+    assert info["engine"] == "vllm" and info["shares_engine_with"] == ["default", "other"]
 
 
 def test_dicom_is_read_with_its_photometric_interpretation_and_no_patient_data(services):
@@ -232,14 +286,14 @@ def test_openai_client_two_turn_chat_with_an_image(services, xray):
         client.chat.completions.create(model="default", messages=[{"role": "assistant", "content": "hi"}])
 
 
-def test_openai_client_streams_samples_and_counts(services, xray):
+def test_openai_client_streams_samples_and_counts(each_engine, xray):
     """What the OpenAI contract promises, through the openai client: streamed chunks that add up
     to the answer, n choices, seeded sampling that repeats and temperature that varies, token
     limits and stop strings honoured, usage that matches, unsupported fields refused."""
     import openai
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{services}/v1", api_key="unused", max_retries=0)
+    client = OpenAI(base_url=f"{each_engine}/v1", api_key="unused", max_retries=0)
     messages = findings_request(xray)
     plain = client.chat.completions.create(model="default", messages=messages)
     answer = plain.choices[0].message.content
@@ -350,6 +404,12 @@ def test_health_check_fails_when_the_model_cannot_generate(tiny_checkpoints):
     model, _ = load_checkpoint(tiny_checkpoints["default"])
     model.system_prompt = "You are a radiology assistant."
     asyncio.run(probe_generation(model))  # healthy
+
+    async def engine_down(conv, images):
+        raise RuntimeError("EngineDeadError: EngineCore encountered an issue")
+
+    with pytest.raises(RuntimeError, match="unhealthy: the model cannot generate"):
+        asyncio.run(probe_generation(model, engine_down))
 
     def lost_device(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered")

@@ -10,7 +10,9 @@
     tokenizer/            the tokenizer, with its chat template and <image> token
 
 `export_merged` writes a copy with LoRA merged into the LLM (llm/ then holds the merged
-weights and there is no adapter/), for serving.
+weights and there is no adapter/), for serving. `llm_parts` says where the base LLM and the
+adapter of a checkpoint are, for an engine that loads the LLM itself (serve/vllm_engine.py); such
+an engine's server loads the rest with `load_checkpoint(..., llm="embeddings")`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Dinov2Model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Model
 
 from m4cxr.config import Experiment, experiment_from_dict, save_experiment
 from m4cxr.model.m4cxr import M4CXR, resolve_attention
@@ -69,32 +72,91 @@ def base_weights(base) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", dtype=None,
-                    trainable: bool = False) -> tuple[M4CXR, Experiment]:
-    """Rebuild the model of a checkpoint on `device` (CPU or GPU). With trainable, the LoRA
-    adapter stays trainable (to continue training); otherwise the model is in eval mode."""
-    from peft import PeftModel
-
+def read_info(folder: str | Path) -> dict:
     folder = Path(folder)
     if not (folder / "m4cxr.json").is_file():
         raise FileNotFoundError(f"{folder}: not an M4CXR checkpoint (no m4cxr.json)")
-    info = json.loads((folder / "m4cxr.json").read_text())
+    return json.loads((folder / "m4cxr.json").read_text())
+
+
+def read_experiment(folder: str | Path) -> Experiment:
+    """The experiment a checkpoint was trained with."""
     import yaml
 
-    exp = experiment_from_dict(yaml.safe_load((folder / "experiment.yaml").read_text()), str(folder / "experiment.yaml"))
+    path = Path(folder) / "experiment.yaml"
+    return experiment_from_dict(yaml.safe_load(path.read_text()), str(path))
+
+
+def llm_parts(folder: str | Path) -> tuple[str, Path | None]:
+    """(the base LLM: a folder of the checkpoint or a hub id/folder, the LoRA adapter folder or
+    None when LoRA was merged)."""
+    folder = Path(folder)
+    info = read_info(folder)
+    base = str(folder / "llm") if info["llm"] == "llm" or info["merged"] else info["llm"]
+    return base, None if info["merged"] else folder / "adapter"
+
+
+class InputEmbeddings(nn.Module):
+    """Only the LLM's input embedding table: all the model needs when another engine runs the
+    LLM on the prompt embeddings it writes."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.embed_tokens = nn.Embedding.from_pretrained(weight, freeze=True)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+
+def load_input_embeddings(source: str, dtype=None) -> InputEmbeddings:
+    """The input embedding table of an LLM folder or hub id, read from its safetensors without
+    building the model (its name comes from the architecture, built on the meta device)."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    table = llm.get_input_embeddings()
+    name = next(n for n, m in llm.named_modules() if m is table) + ".weight"
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+    index = folder / "model.safetensors.index.json"
+    file = folder / (json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors")
+    with safe_open(str(file), "pt") as f:
+        weight = f.get_tensor(name)
+    return InputEmbeddings(weight.to(dtype) if dtype is not None else weight)
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", dtype=None,
+                    trainable: bool = False, llm: str = "full") -> tuple[M4CXR, Experiment]:
+    """Rebuild the model of a checkpoint on `device` (CPU or GPU). With trainable, the LoRA
+    adapter stays trainable (to continue training); otherwise the model is in eval mode.
+    llm="embeddings" loads only the LLM's input embeddings (for an engine that runs the LLM)."""
+    from peft import PeftModel
+
+    if llm not in ("full", "embeddings"):
+        raise ValueError(f"llm must be 'full' or 'embeddings', got {llm!r}")
+    folder = Path(folder)
+    info = read_info(folder)
+    exp = read_experiment(folder)
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
     on_gpu = torch.device(device).type == "cuda"
     attention = resolve_attention(exp.model.attention, on_gpu)
     vision = VisionEncoder(Dinov2Model.from_pretrained(folder / "vision", dtype=dtype))
-    llm_source = folder / "llm" if info["llm"] == "llm" or info["merged"] else info["llm"]
-    llm = AutoModelForCausalLM.from_pretrained(llm_source, attn_implementation=attention, dtype=dtype)
-    if not info["merged"]:
-        llm = PeftModel.from_pretrained(llm, folder / "adapter", is_trainable=trainable)
+    llm_source, adapter = llm_parts(folder)
+    if llm == "embeddings":
+        language_model = load_input_embeddings(llm_source, dtype)
+    else:
+        language_model = AutoModelForCausalLM.from_pretrained(llm_source, attn_implementation=attention, dtype=dtype)
+        if adapter is not None:
+            language_model = PeftModel.from_pretrained(language_model, adapter, is_trainable=trainable)
     projector = CAbstractor(**info["projector"])
     projector.load_state_dict(load_file(folder / "projector.safetensors"))
     if dtype is not None:
         projector.to(dtype)
-    model = M4CXR(vision, projector, llm, tokenizer, info["image_size"], info["image_mean"], info["image_std"],
+    model = M4CXR(vision, projector, language_model, tokenizer, info["image_size"], info["image_mean"], info["image_std"],
                   info["box_convention"]).to(device)
     if not trainable:
         model.eval()

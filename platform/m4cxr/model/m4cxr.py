@@ -170,6 +170,13 @@ class M4CXR(nn.Module):
         batch["pixel_values"] = self.preprocess(flat) if flat else None
         return batch
 
+    @torch.no_grad()
+    def embed_prompt(self, conversation: Sequence[dict], images: Sequence[Image.Image]) -> torch.Tensor:
+        """The generation prompt of one conversation as LLM input embeddings (positions, hidden),
+        images spliced in: what an engine that runs the LLM on prompt embeddings takes."""
+        batch = self.collate([conversation], [images], for_generation=True)
+        return self.embed(batch["input_ids"].to(self.device), batch["pixel_values"])[0]
+
     # -- generation
 
     @torch.no_grad()

@@ -1,9 +1,9 @@
 """The Ray Serve applications: one model application and four light ingress applications over
 it (report generation, grounding, VQA, OpenAI-style chat).
 
-    model                      ModelServer (serve/model_server.py): the checkpoints, batched
-                               generation; no HTTP route; its replicas autoscale on the load of
-                               all four routes together
+    model                      ModelServer (serve/model_server.py): the checkpoints and the
+                               engine (vLLM, or transformers); no HTTP route; its replicas
+                               autoscale on the load of all four routes together
     POST /mrg                  {"scenario", "images", "prior_images", "prior_report", "cot"}
                                -> {"findings": [...], "findings_text": "...", "report": "..."}
     POST /grounding            {"image", "phrase" | "finding" | "organ" | "region"}
@@ -35,7 +35,7 @@ from m4cxr.serve.access import authorized, key_hashes
 from m4cxr.serve.inputs import (
     RequestError, decode_image, parse_grounding, parse_json, parse_mrg, parse_vqa,
 )
-from m4cxr.serve.model_server import ModelServer, serve_options
+from m4cxr.serve.model_server import ENGINES, ModelServer, serve_options
 from m4cxr.serve.openai_chat import (
     CHAT_FIELDS, Sampling, chat_response, chunk, completion_id, parse_sampling, parse_stream, reject_unknown, sse,
     usage,
@@ -257,7 +257,8 @@ class ChatService(Ingress):
 
 SERVICES = {"mrg": MRGService, "grounding": GroundingService, "vqa": VQAService, "v1": ChatService}
 BOTH_ARGS = ("checkpoints", "default", "max_new_tokens")
-MODEL_ARGS = ("max_batch_size", "batch_wait_timeout_s", "use_gpu", "max_prompt_tokens")  # the model application's
+MODEL_ARGS = ("engine", "engine_args", "max_batch_size", "batch_wait_timeout_s", "use_gpu",
+              "max_prompt_tokens")  # the model application's
 ROUTE_ARGS = ("api_keys", "api_keys_file", "retry_after_s", "model_app")  # a route's
 DEPLOYMENT_ARGS = ("max_ongoing_requests", "max_queued_requests", "autoscaling_config", "ray_actor_options")
 
@@ -284,6 +285,8 @@ def build(name: str, args: dict[str, Any]):
     options = serve_options(args)
     actor = options.setdefault("ray_actor_options", {})
     if name == "model":
+        if args.get("engine", "auto") not in ENGINES:
+            raise ValueError(f"application model: args.engine must be one of {list(ENGINES)}, got {args['engine']!r}")
         server = {k: args[k] for k in MODEL_ARGS + ("max_new_tokens",) if k in args} | {"default": default}
         if server.get("use_gpu"):
             actor.setdefault("num_gpus", 1)
@@ -318,10 +321,11 @@ def chat_app(args: dict[str, Any]):
 
 
 def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str = "127.0.0.1",
-                 apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1"), **args: Any) -> str:
+                 apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1"), prefix: str = "", **args: Any) -> str:
     """Start the model application and the routes over it on this Ray cluster; returns the base
     URL. `args` are the applications' (each takes its own); deployment options belong in a config
-    file or `build`."""
+    file or `build`. With a prefix, the applications are named "<prefix>-model", "<prefix>-mrg",
+    ... and the routes are /<prefix>/mrg, ... (another set of services beside the first)."""
     from m4cxr.ray_cluster import init_ray
 
     unknown = sorted(set(args) - set(BOTH_ARGS + MODEL_ARGS + ROUTE_ARGS))
@@ -329,10 +333,11 @@ def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str 
         raise ValueError(f"run_services: unknown args {unknown}")
     init_ray()
     serve.start(http_options={"host": host, "port": port})
-    args = {"checkpoints": checkpoints, **args}
+    named = (lambda app: f"{prefix}-{app}") if prefix else (lambda app: app)
+    args = {"checkpoints": checkpoints, "model_app": named("model"), **args}
     model_args = {k: v for k, v in args.items() if k not in ROUTE_ARGS}
     route_args = {k: v for k, v in args.items() if k not in MODEL_ARGS}
-    serve.run(build("model", model_args), name=args.get("model_app", "model"), route_prefix=None)
+    serve.run(build("model", model_args), name=args["model_app"], route_prefix=None)
     for name in apps:
-        serve.run(build(name, route_args), name=name, route_prefix=f"/{name}")
-    return f"http://{host}:{port}"
+        serve.run(build(name, route_args), name=named(name), route_prefix=f"/{prefix}/{name}" if prefix else f"/{name}")
+    return f"http://{host}:{port}/{prefix}" if prefix else f"http://{host}:{port}"

