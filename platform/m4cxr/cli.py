@@ -206,7 +206,7 @@ def cmd_serve(args) -> int:
             checkpoints["default" if "default" not in checkpoints else f"checkpoint{len(checkpoints)}"] = item
     keys = {"api_keys_file": args.api_keys_file} if args.api_keys_file else {}
     url = run_services(checkpoints, port=args.port, max_new_tokens=args.max_new_tokens,
-                       max_batch_size=args.max_batch_size, use_gpu=args.gpu, **keys)
+                       max_batch_size=args.max_batch_size, use_gpu=args.gpu, engine=args.engine, **keys)
     print(f"serving {', '.join(f'{k}={v}' for k, v in checkpoints.items())} at {url}:\n"
           f"  POST {url}/mrg  {url}/grounding  {url}/vqa  {url}/v1/chat/completions;  GET {url}/v1/models\n"
           f"  (Ctrl-C stops)", flush=True)
@@ -314,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto",
+                   help="the LLM's engine: vLLM where it is installed (auto), or transformers")
     p.add_argument("--api-keys-file", help="require one of these API keys (one per line, or sha256:<hex>); "
                                            "keys also come from M4CXR_API_KEYS")
     p.set_defaults(func=cmd_serve)

@@ -246,6 +246,8 @@ class TrackingConfig:
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # the LLM's engine: vLLM where it is installed (auto), or transformers (hf); serve/model_server.py
+    engine: Literal["auto", "vllm", "hf"] = "auto"
 
 
 @dataclass

@@ -108,7 +108,8 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
             free.bind((exp.serve.host, 0))
             port = free.getsockname()[1]
         print(f"  port {exp.serve.port} is taken; serving on {port}")
-    url = run_services(checkpoints, port=port, host=exp.serve.host, max_new_tokens=exp.eval.max_new_tokens)
+    url = run_services(checkpoints, port=port, host=exp.serve.host, max_new_tokens=exp.eval.max_new_tokens,
+                       engine=exp.serve.engine)
     sample = next(r for r in read_sample_table(corpus_dir, "test").to_pylist() if r["task"] == "single_image")
     image = base64.b64encode(ImageStore(corpus_dir).path(sample["images"][0]["image_id"]).read_bytes()).decode()
     chat_model = "sweep-best" if "sweep-best" in checkpoints else "default"

@@ -4,8 +4,10 @@ it (report generation, grounding, VQA, OpenAI-style chat).
     model                      ModelServer (serve/model_server.py): the checkpoints and the
                                engine (vLLM, or transformers); no HTTP route; its replicas
                                autoscale on the load of all four routes together
-    POST /mrg                  {"scenario", "images", "prior_images", "prior_report", "cot"}
-                               -> {"findings": [...], "findings_text": "...", "report": "..."}
+    POST /mrg                  {"scenario", "images", "prior_images", "prior_report", "cot", "stream"}
+                               -> {"findings": [...], "findings_text": "...", "report": "..."};
+                               with stream: server-sent events {"part": "findings"|"report",
+                               "text": piece} as the answers are written, then that object
     POST /grounding            {"image", "phrase" | "finding" | "organ" | "region"}
                                -> {"box": [x1,y1,x2,y2] (0-100), "box_pixels": [...], "answer"}
                                {"image", "box", "ask": finding|organ|region|phrase} -> {"answer"}
@@ -109,25 +111,72 @@ class Ingress:
                 raise RequestError(f"use POST for {request.url.path}", 405)
             body = parse_json(await request.body())
             name = self.model_id(request, body)
-            return JSONResponse(await self.respond(name, await self.info(name), body))
+            out = await self.respond(name, await self.info(name), body)
+            return out if isinstance(out, StreamingResponse) else JSONResponse(out)
         except RequestError as err:
             return error_response(err)
 
-    async def respond(self, name: str, info: dict, body: dict) -> dict:
+    async def respond(self, name: str, info: dict, body: dict) -> dict | StreamingResponse:
         raise NotImplementedError  # each route answers its own
+
+    async def answer_stream(self, name: str, conversation: list[dict], images: list):
+        """The greedy answer's pieces as they come; a problem with the prompt is raised before the
+        first piece (the route's 4xx), not inside the stream."""
+        pieces = self.model(name).options(stream=True).stream.remote(conversation, images, Sampling(self.max_new_tokens))
+        first = await pieces.__anext__()
+        raise_error(first)
+
+        async def items():
+            yield first
+            async for item in pieces:
+                raise_error(item)
+                yield item
+
+        return items()
 
 
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=128)
 class MRGService(Ingress):
-    async def respond(self, name: str, info: dict, body: dict) -> dict[str, Any]:
-        reject_unknown(body, ("model", "scenario", "images", "prior_images", "prior_report", "cot"), "/mrg")
+    async def respond(self, name: str, info: dict, body: dict) -> dict[str, Any] | StreamingResponse:
+        reject_unknown(body, ("model", "scenario", "images", "prior_images", "prior_report", "cot", "stream"), "/mrg")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("field 'stream' must be true or false")
         req = parse_mrg(body)
         first, second, images = mrg_turns(req, info["system_prompt"])
+        if stream:
+            pieces = await self.answer_stream(name, first, images)
+            return StreamingResponse(self.report_events(name, req["cot"], first, second, images, pieces),
+                                     media_type="text/event-stream")
         answer = await self.answer(name, first, images)
         if not req["cot"]:
             return {"findings": [], "findings_text": "", "report": answer}
         report = await self.answer(name, first + [{"role": "assistant", "content": answer}] + second, images)
         return {"findings": findings_list(answer), "findings_text": answer, "report": report}
+
+    async def report_events(self, name: str, cot: bool, first: list[dict], second: list[dict], images: list, pieces):
+        """The findings, then the report, piece by piece as they are written, then the whole
+        answer as the unstreamed route gives it, then [DONE]; an error ends the stream with an
+        error event."""
+        try:
+            texts = {"findings": "", "report": ""}
+            for part in ("findings", "report") if cot else ("report",):
+                if part == "report" and cot:
+                    conversation = first + [{"role": "assistant", "content": texts["findings"]}] + second
+                    pieces = await self.answer_stream(name, conversation, images)
+                async for item in pieces:
+                    if isinstance(item, str):
+                        texts[part] += item
+                        yield sse({"part": part, "text": item})
+                texts[part] = texts[part].strip()
+            yield sse({"findings": findings_list(texts["findings"]) if cot else [], "findings_text": texts["findings"],
+                       "report": texts["report"]})
+        except RequestError as err:
+            yield sse({"error": err.message, "status": err.status})
+        except Exception as err:
+            log.exception("report stream failed")
+            yield sse({"error": f"generation failed: {type(err).__name__}: {err}", "status": 500})
+        yield sse("[DONE]")
 
 
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=128)

@@ -134,14 +134,16 @@ class ModelServer:
         try:
             model = await self.current_model()
             self.check_length(model, conversation, sampling.max_tokens)
+            if self.engine == "vllm":
+                embeds = await asyncio.to_thread(model.embed_prompt, conversation, images)
+                pieces = self.engines[model.name].generate(model.name, embeds, sampling, stream=True)
+            else:
+                pieces = self.stream_answer(model, conversation, images, sampling)  # checked above
+            first = await anext(pieces)  # the engine may still refuse the request
         except RequestError as err:
             yield {"error": err.message, "status": err.status}
             return
-        if self.engine == "vllm":
-            embeds = await asyncio.to_thread(model.embed_prompt, conversation, images)
-            pieces = self.engines[model.name].generate(model.name, embeds, sampling, stream=True)
-        else:
-            pieces = self.stream_answer(model, conversation, images, sampling)  # checked above
+        yield first
         async for item in pieces:
             yield item
 

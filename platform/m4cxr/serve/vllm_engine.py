@@ -62,11 +62,13 @@ def lora_rank(adapter: Path) -> int:
 
 
 def sampling_params(sampling: Sampling, stream: bool):
+    """vLLM's settings for a request; greedy asks for one answer (vLLM refuses n > 1 there), which
+    `generate` repeats n times."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
-        n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+        n=1 if sampling.greedy else sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
         top_p=sampling.top_p if not sampling.greedy else 1.0, seed=sampling.seed, stop=list(sampling.stop) or None,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
@@ -109,10 +111,25 @@ class VLLMEngine:
         """Stream: the text pieces as they come, then the details (a dict). Otherwise: one list
         with the details of the n answers. The text is stripped as the HF engine strips it:
         leading and trailing white space never reach the client."""
+        from vllm.exceptions import VLLMValidationError
+
+        from m4cxr.serve.inputs import RequestError
+
         params = sampling_params(sampling, stream)
         last, tokens, sent, held = None, 0, False, ""
-        async for out in self.engine.generate({"prompt_embeds": embeds}, params, request_id=uuid.uuid4().hex,
-                                              lora_request=self.lora_requests.get(checkpoint)):
+        answers = self.engine.generate({"prompt_embeds": embeds}, params, request_id=uuid.uuid4().hex,
+                                       lora_request=self.lora_requests.get(checkpoint))
+        try:
+            first = await anext(answers)
+        except VLLMValidationError as err:  # vLLM's own refusal of the request is the client's 400
+            raise RequestError(f"the engine refused the request: {err}") from err
+
+        async def outputs():
+            yield first
+            async for out in answers:
+                yield out
+
+        async for out in outputs():
             last = out
             if stream:
                 tokens += len(out.outputs[0].token_ids)
@@ -131,7 +148,8 @@ class VLLMEngine:
             yield {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "cached_tokens": last.num_cached_tokens or 0,
                    "finish_reason": "length" if last.outputs[0].finish_reason == "length" else "stop"}
         else:
-            yield [finish(o, prompt_tokens, last.num_cached_tokens) for o in sorted(last.outputs, key=lambda o: o.index)]
+            done = [finish(o, prompt_tokens, last.num_cached_tokens) for o in sorted(last.outputs, key=lambda o: o.index)]
+            yield done * sampling.n if len(done) == 1 else done
 
     async def check_health(self) -> None:
         await self.engine.check_health()  # raises when the engine's process has died
