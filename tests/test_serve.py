@@ -58,7 +58,9 @@ def tiny_checkpoints(synthetic_corpus, tmp_path_factory):
     return paths
 
 
-SERVICE_ARGS = dict(max_new_tokens=8, max_batch_size=16, batch_wait_timeout_s=0.05, max_prompt_tokens=400)
+# health checks every 2 s: a replica whose engine died is replaced within a test's patience
+SERVICE_ARGS = dict(max_new_tokens=8, max_batch_size=16, batch_wait_timeout_s=0.05, max_prompt_tokens=400,
+                    health_check_period_s=2)
 
 
 @pytest.fixture(scope="module")
@@ -423,6 +425,28 @@ def test_api_keys_are_required_when_set_and_never_logged(services, tiny_checkpoi
         assert key not in text and env_key not in text, path
 
 
+def test_checkpoints_share_an_engine_only_with_the_same_base_and_tokenizer(tiny_checkpoints, tmp_path):
+    """A sweep's winner (other adapter, same frozen base) shares the default's engine; a checkpoint
+    whose LLM was trained, or whose tokenizer differs, gets its own."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from m4cxr.serve.vllm_engine import engine_groups
+
+    trained, retokenized = tmp_path / "trained", tmp_path / "retokenized"
+    shutil.copytree(tiny_checkpoints["default"], trained)
+    weights = load_file(trained / "llm/model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, trained / "llm/model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(tiny_checkpoints["default"], retokenized)
+    config = json.loads((retokenized / "tokenizer/tokenizer_config.json").read_text())
+    (retokenized / "tokenizer/tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    groups = engine_groups({**tiny_checkpoints, "trained": str(trained), "retokenized": str(retokenized)})
+    assert sorted(groups.values()) == [["default", "other"], ["retokenized"], ["trained"]]
+
+
 def test_health_check_fails_when_the_model_cannot_generate(tiny_checkpoints):
     import asyncio
 
@@ -518,6 +542,47 @@ def test_model_replicas_rise_under_sustained_load_and_fall_after(services, tiny_
     finally:
         serve.delete("scaled")
         serve.delete("scaling")
+
+
+def test_a_killed_vllm_engine_gets_503s_until_serve_replaces_its_replica(services, xray):
+    """SIGKILL the vLLM engine process under the model replica: requests get 503 with Retry-After
+    (never a 500) until Serve's health check has replaced the replica, then the same answer as
+    before, from a new replica."""
+    import signal
+    import time
+
+    import psutil
+    from ray.util.state import list_actors
+
+    from m4cxr.serve.vllm_engine import vllm_installed
+
+    if not vllm_installed():
+        pytest.skip("vLLM is not installed")
+
+    def replica() -> tuple[str, int]:
+        alive = [a for a in list_actors(filters=[("class_name", "=", "ServeReplica:model:ModelServer")])
+                 if a.state == "ALIVE"]
+        assert len(alive) == 1, alive
+        return alive[0].actor_id, alive[0].pid
+
+    body = {"images": [png_b64(xray)], "question": "Is the heart enlarged?"}
+    status, before, _ = post(f"{services}/vqa", body)
+    assert status == 200
+    actor, pid = replica()
+    engines = [c for c in psutil.Process(pid).children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
+    assert len(engines) == 1, [c.cmdline() for c in psutil.Process(pid).children(recursive=True)]
+    engines[0].send_signal(signal.SIGKILL)
+    seen, deadline = [], time.time() + 240
+    while time.time() < deadline:
+        status, payload, headers = post(f"{services}/vqa", body)
+        seen.append(status)
+        if status == 200:
+            break
+        assert status == 503 and {k.lower(): v for k, v in headers.items()}.get("retry-after"), (status, payload)
+        time.sleep(1)
+    assert seen[-1] == 200, seen[-5:]
+    assert 503 in seen and payload == before  # refused while down; the new replica answers as the old one did
+    assert replica()[0] != actor
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "config.gpu.yaml"])

@@ -171,11 +171,15 @@ class M4CXR(nn.Module):
         return batch
 
     @torch.no_grad()
-    def embed_prompt(self, conversation: Sequence[dict], images: Sequence[Image.Image]) -> torch.Tensor:
-        """The generation prompt of one conversation as LLM input embeddings (positions, hidden),
-        images spliced in: what an engine that runs the LLM on prompt embeddings takes."""
-        batch = self.collate([conversation], [images], for_generation=True)
-        return self.embed(batch["input_ids"].to(self.device), batch["pixel_values"])[0]
+    def embed_prompts(self, conversations: Sequence[Sequence[dict]],
+                      images: Sequence[Sequence[Image.Image]]) -> list[torch.Tensor]:
+        """The generation prompts of the conversations as LLM input embeddings, one (positions,
+        hidden) tensor each without padding, images spliced in: what an engine that runs the LLM
+        on prompt embeddings takes. The images of all of them go through the encoder at once."""
+        batch = self.collate(conversations, images, for_generation=True)
+        embeds = self.embed(batch["input_ids"].to(self.device), batch["pixel_values"])
+        lengths = batch["attention_mask"].sum(1).tolist()
+        return [row[row.shape[0] - n:] for row, n in zip(embeds, lengths)]  # left padding cut off
 
     # -- generation
 

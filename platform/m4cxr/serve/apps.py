@@ -47,9 +47,15 @@ from m4cxr.serve.prompts import findings_list, grounding_response, grounding_tur
 log = logging.getLogger("ray.serve")
 
 
+RETRY_AFTER_S = 10  # a model replica that died is replaced within about this (a health check or two)
+
+
+def error_headers(status: int) -> dict[str, str] | None:
+    return {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": str(RETRY_AFTER_S)}}.get(status)
+
+
 def error_response(err: RequestError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=error_headers(err.status))
 
 
 def check_access(request: Request, hashes: list[str]) -> None:
@@ -58,8 +64,19 @@ def check_access(request: Request, hashes: list[str]) -> None:
 
 
 def raise_error(out: Any) -> None:
-    if isinstance(out, dict) and "error" in out:  # the model application's 4xx
+    if isinstance(out, dict) and "error" in out:  # the model application's 4xx (or 503)
         raise RequestError(out["error"], out["status"])
+
+
+async def model_call(call):
+    """A call to the model application; a replica that died under it (its process killed, its
+    node lost) is a 503 to retry, not a 500."""
+    from ray.exceptions import RayActorError
+
+    try:
+        return await call
+    except RayActorError as err:
+        raise RequestError(f"the model replica stopped ({type(err).__name__}); retry shortly", 503) from err
 
 
 class Ingress:
@@ -89,13 +106,13 @@ class Ingress:
 
     async def info(self, name: str) -> dict:
         if name not in self.infos:
-            out = await self.model(name).describe.remote()
+            out = await model_call(self.model(name).describe.remote())
             raise_error(out)
             self.infos[name] = out
         return self.infos[name]
 
     async def answer_details(self, name: str, conversation: list[dict], images: list, sampling: Sampling) -> list[dict]:
-        out = await self.model(name).generate.remote(conversation, images, sampling)
+        out = await model_call(self.model(name).generate.remote(conversation, images, sampling))
         raise_error(out)
         return out
 
@@ -123,7 +140,7 @@ class Ingress:
         """The greedy answer's pieces as they come; a problem with the prompt is raised before the
         first piece (the route's 4xx), not inside the stream."""
         pieces = self.model(name).options(stream=True).stream.remote(conversation, images, Sampling(self.max_new_tokens))
-        first = await pieces.__anext__()
+        first = await model_call(pieces.__anext__())
         raise_error(first)
 
         async def items():
@@ -241,7 +258,7 @@ def openai_error(err: RequestError) -> JSONResponse:
     """An error in OpenAI's shape, which its clients read the message from."""
     kind = {401: "authentication_error", 404: "not_found_error"}.get(err.status, "invalid_request_error")
     return JSONResponse({"error": {"message": err.message, "type": kind, "param": None, "code": err.status}},
-                        status_code=err.status, headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None)
+                        status_code=err.status, headers=error_headers(err.status))
 
 
 @serve.deployment(max_ongoing_requests=16, max_queued_requests=64)
@@ -267,7 +284,7 @@ class ChatService(Ingress):
             conv, images = chat_conversation(body.get("messages"), (await self.info(name))["system_prompt"])
             if stream:
                 pieces = self.model(name).options(stream=True).stream.remote(conv, images, sampling)
-                first = await pieces.__anext__()  # a problem with the prompt is a 4xx before the stream starts
+                first = await model_call(pieces.__anext__())  # a problem with the prompt: a 4xx before the stream
                 raise_error(first)
                 return StreamingResponse(self.chat_events(name, first, pieces, include_usage),
                                          media_type="text/event-stream")
@@ -309,7 +326,8 @@ BOTH_ARGS = ("checkpoints", "default", "max_new_tokens")
 MODEL_ARGS = ("engine", "engine_args", "max_batch_size", "batch_wait_timeout_s", "use_gpu",
               "max_prompt_tokens")  # the model application's
 ROUTE_ARGS = ("api_keys", "api_keys_file", "retry_after_s", "model_app")  # a route's
-DEPLOYMENT_ARGS = ("max_ongoing_requests", "max_queued_requests", "autoscaling_config", "ray_actor_options")
+DEPLOYMENT_ARGS = ("max_ongoing_requests", "max_queued_requests", "autoscaling_config", "ray_actor_options",
+                   "health_check_period_s", "health_check_timeout_s")
 
 
 def build(name: str, args: dict[str, Any]):
@@ -372,12 +390,12 @@ def chat_app(args: dict[str, Any]):
 def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str = "127.0.0.1",
                  apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1"), prefix: str = "", **args: Any) -> str:
     """Start the model application and the routes over it on this Ray cluster; returns the base
-    URL. `args` are the applications' (each takes its own); deployment options belong in a config
-    file or `build`. With a prefix, the applications are named "<prefix>-model", "<prefix>-mrg",
+    URL. `args` are the applications' (each takes its own); deployment options given here are the
+    model application's (the routes' belong in a config file or `build`). With a prefix, the applications are named "<prefix>-model", "<prefix>-mrg",
     ... and the routes are /<prefix>/mrg, ... (another set of services beside the first)."""
     from m4cxr.ray_cluster import init_ray
 
-    unknown = sorted(set(args) - set(BOTH_ARGS + MODEL_ARGS + ROUTE_ARGS))
+    unknown = sorted(set(args) - set(BOTH_ARGS + MODEL_ARGS + ROUTE_ARGS + DEPLOYMENT_ARGS))
     if unknown:
         raise ValueError(f"run_services: unknown args {unknown}")
     init_ray()
@@ -385,7 +403,7 @@ def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str 
     named = (lambda app: f"{prefix}-{app}") if prefix else (lambda app: app)
     args = {"checkpoints": checkpoints, "model_app": named("model"), **args}
     model_args = {k: v for k, v in args.items() if k not in ROUTE_ARGS}
-    route_args = {k: v for k, v in args.items() if k not in MODEL_ARGS}
+    route_args = {k: v for k, v in args.items() if k not in MODEL_ARGS + DEPLOYMENT_ARGS}
     serve.run(build("model", model_args), name=args["model_app"], route_prefix=None)
     for name in apps:
         serve.run(build(name, route_args), name=named(name), route_prefix=f"/{prefix}/{name}" if prefix else f"/{name}")

@@ -6,8 +6,9 @@ It holds the checkpoints by name (serve.multiplexed): a call names its checkpoin
 handle's multiplexed model id; without one, the default answers. Two engines generate:
 
 - vllm (the default where vLLM is installed): the server encodes the images and writes each
-  prompt as input embeddings; one vLLM engine per base LLM generates from them with continuous
-  batching, the checkpoints over that base as its LoRA adapters (serve/vllm_engine.py).
+  prompt as input embeddings (the images of requests that arrive within `batch_wait_timeout_s`
+  encoded together); one vLLM engine per base LLM generates from them with continuous batching,
+  the checkpoints over that base as its LoRA adapters (serve/vllm_engine.py).
 - hf: transformers' generate, batched here: requests queue for up to `batch_wait_timeout_s` and
   are answered together, left-padded, so an answer is the same as it would be alone (fp32 on
   CPU). Items of a batch that name different checkpoints or different generation settings
@@ -64,8 +65,9 @@ class ModelServer:
         self.dtype = torch.bfloat16 if use_gpu else None
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
-        self.generate_batch.set_max_batch_size(max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        for batched in (self.generate_batch, self.embed_batch):
+            batched.set_max_batch_size(max_batch_size)
+            batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.engine = resolve_engine(engine)
         self.engines: dict[str, Any] = {}  # checkpoint name -> the vLLM engine that serves it
         if self.engine == "vllm":
@@ -89,7 +91,10 @@ class ModelServer:
 
     def __del__(self):
         for engine in set(self.engines.values()):
-            engine.shutdown()
+            try:
+                engine.shutdown()
+            except Exception:  # an engine whose process died has nothing left to stop
+                log.warning("a vLLM engine did not shut down cleanly", exc_info=True)
 
     # -- checkpoints
 
@@ -135,7 +140,7 @@ class ModelServer:
             model = await self.current_model()
             self.check_length(model, conversation, sampling.max_tokens)
             if self.engine == "vllm":
-                embeds = await asyncio.to_thread(model.embed_prompt, conversation, images)
+                embeds = await self.embed_batch((model, conversation, images))
                 pieces = self.engines[model.name].generate(model.name, embeds, sampling, stream=True)
             else:
                 pieces = self.stream_answer(model, conversation, images, sampling)  # checked above
@@ -168,12 +173,27 @@ class ModelServer:
                 answers[i] = out[k * sampling.n:(k + 1) * sampling.n]
         return answers  # type: ignore[return-value]
 
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def embed_batch(self, items: list[tuple]) -> list:
+        """items: (model, conversation, images); each gets its prompt embeddings (vLLM engine).
+        vLLM batches generation continuously by itself; the images of requests that arrive
+        together go through the vision encoder together, as the hf engine's do."""
+        out: list = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (model, _, _) in enumerate(items):
+            groups.setdefault(id(model), []).append(i)
+        for idx in groups.values():
+            model = items[idx[0]][0]
+            embeds = await asyncio.to_thread(model.embed_prompts, [items[i][1] for i in idx], [items[i][2] for i in idx])
+            for i, e in zip(idx, embeds):
+                out[i] = e
+        return out
+
     async def answer_details(self, model, conversation: list[dict], images: list, sampling: Sampling) -> list[dict]:
         self.check_length(model, conversation, sampling.max_tokens)
         if self.engine == "hf":
             return await self.generate_batch((model, conversation, images, sampling))
-        # vLLM batches continuously by itself; the images are encoded per request
-        embeds = await asyncio.to_thread(model.embed_prompt, conversation, images)
+        embeds = await self.embed_batch((model, conversation, images))
         return [out async for out in self.engines[model.name].generate(model.name, embeds, sampling)][-1]
 
     async def stream_answer(self, model, conversation: list[dict], images: list, sampling: Sampling):
@@ -270,7 +290,7 @@ def serve_options(cfg: dict[str, Any]) -> dict[str, Any]:
     from ray.serve.config import BackpressureConfig
 
     out = {k: cfg[k] for k in ("max_ongoing_requests", "max_queued_requests", "autoscaling_config",
-                               "ray_actor_options") if k in cfg}
+                               "ray_actor_options", "health_check_period_s", "health_check_timeout_s") if k in cfg}
     if "retry_after_s" in cfg:  # over capacity: 503 with Retry-After rather than an ever longer queue
         out["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=cfg["retry_after_s"])
     return out

@@ -1,7 +1,7 @@
 """The LLM on vLLM: one engine per base LLM, the checkpoints over it as LoRA adapters.
 
 The vision encoder and C-Abstractor run in the model server (serve/model_server.py), which
-writes each prompt as LLM input embeddings, images spliced in (M4CXR.embed_prompt); vLLM's async
+writes each prompt as LLM input embeddings, images spliced in (M4CXR.embed_prompts); vLLM's async
 engine generates from those prompt embeddings with continuous batching, so requests of every
 route and checkpoint share its batches. serve_apps/README.md says why this way rather than a vLLM
 model class of M4CXR.
@@ -112,24 +112,24 @@ class VLLMEngine:
         with the details of the n answers. The text is stripped as the HF engine strips it:
         leading and trailing white space never reach the client."""
         from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         from m4cxr.serve.inputs import RequestError
 
-        params = sampling_params(sampling, stream)
-        last, tokens, sent, held = None, 0, False, ""
-        answers = self.engine.generate({"prompt_embeds": embeds}, params, request_id=uuid.uuid4().hex,
-                                       lora_request=self.lora_requests.get(checkpoint))
         try:
-            first = await anext(answers)
+            async for item in self.answers(checkpoint, embeds, sampling, stream):
+                yield item
         except VLLMValidationError as err:  # vLLM's own refusal of the request is the client's 400
             raise RequestError(f"the engine refused the request: {err}") from err
+        except EngineDeadError as err:  # its process died: Serve's health check replaces the replica
+            raise RequestError("the model's engine stopped; its replica is being replaced, retry shortly", 503) from err
 
-        async def outputs():
-            yield first
-            async for out in answers:
-                yield out
-
-        async for out in outputs():
+    async def answers(self, checkpoint: str, embeds, sampling: Sampling, stream: bool) -> AsyncIterator:
+        """generate(), without the translation of vLLM's errors."""
+        params = sampling_params(sampling, stream)
+        last, tokens, sent, held = None, 0, False, ""
+        async for out in self.engine.generate({"prompt_embeds": embeds}, params, request_id=uuid.uuid4().hex,
+                                              lora_request=self.lora_requests.get(checkpoint)):
             last = out
             if stream:
                 tokens += len(out.outputs[0].token_ids)
