@@ -51,6 +51,19 @@ def test_prepare_yields_every_pair_of_table_10_and_the_test_sets(prepared):
     assert counts["vqa"]["slake"] == {"test": 2}
 
 
+def test_stats_count_report_generation_by_the_papers_rules(prepared, capsys):
+    """The MIMIC fixture's report-generation samples by rule (worked out in test_sources.py)."""
+    from m4cxr.data.stats import corpus_stats
+
+    _, corpus, _ = prepared
+    assert corpus_stats(corpus)["report_scenarios"] == {
+        "multi_image, 1 image(s)": {"validate": 1}, "multi_image, 2 image(s)": {"train": 1, "test": 2},
+        "multi_image, 5 image(s)": {"train": 1}, "multi_study, no prior study (test)": {"test": 1},
+        "multi_study, with the prior study": {"train": 1, "test": 1}}
+    assert main(["data", "stats", str(corpus)]) == 0
+    assert "multi_study, no prior study (test)" in capsys.readouterr().out
+
+
 def test_manifest_reports_skipped_records_rules_and_leakage(prepared):
     _, _, manifest = prepared
     # One planted malformed record per dataset, and a corrupt JPEG found when it is resized.

@@ -56,20 +56,33 @@ def test_every_adapter_reports_its_malformed_record(collected, dataset):
 
 def test_mimic_cxr_scenarios_rules_and_time_order(collected):
     c = collected[1]["mimic_cxr"]
+    # Worked out by hand from tests/dataset_fixtures.py MIMIC_STUDIES (studies with usable FINDINGS:
+    # train 50000001 (2 images), 50000002 (5), 50000003 (6); test 50000013 (2), 50000011 (2);
+    # validate 50000022 (1)):
+    # single-image, every image: train 2 + 5 + 6 = 13, test 2 + 2 = 4, validate 1.
+    # multi-image, studies of 1 to 5 images: train 50000001, 50000002 (50000003 has 6); validate
+    # 50000022 (one image counts); test: one per frontal image, 50000013 and 50000011 have one each.
+    # multi-study: train 50000002 after 50000001 (7 images; 50000003 after 50000002 has 11); validate
+    # 50000022's prior has no FINDINGS: none; test: 50000011 after 50000013, and 50000013 whose
+    # prior has no FINDINGS, alone, asked as multi-image.
     assert counts(c) == {("single_image", "train"): 13, ("multi_image", "train"): 2, ("multi_study", "train"): 1,
-                         ("single_image", "test"): 4, ("multi_image", "test"): 2, ("multi_study", "test"): 1,
-                         ("single_image", "validate"): 1}
+                         ("single_image", "test"): 4, ("multi_image", "test"): 2, ("multi_study", "test"): 2,
+                         ("single_image", "validate"): 1, ("multi_image", "validate"): 1}
     assert c.excluded == {"report without a FINDINGS section": 1, "FINDINGS shorter than 5 characters": 1,
                           "multi-image: study of more than 5 images": 1,
                           "multi-study: more than 10 images in the two studies": 1,
-                          "multi-study: the previous study has no usable FINDINGS": 2}
+                          "multi-study: the previous study has no usable FINDINGS": 1}
+    one_image = by_task(c, "multi_image", "validate")[0]
+    assert one_image.study_id == "50000022" and count_images(one_image.turns) == 1
     # Two studies on one day: StudyTime 80556.875 (08:05) comes before 134500.0 (13:45).
     train_pair = by_task(c, "multi_study", "train")[0]
     assert [i["role"] for i in train_pair.images] == ["prior"] * 2 + ["current"] * 5
     assert train_pair.images[0]["image_id"] == f"mimic_{F.dicom_id(1)}"
     assert train_pair.report == "small left pleural effusion is unchanged . no pneumothorax ."
     # Study ids are random: 50000013 (January) is the prior of 50000011 (March).
-    test_pair = by_task(c, "multi_study", "test")[0]
+    alone, test_pair = by_task(c, "multi_study", "test")
+    assert alone.study_id == "50000013" and alone.prior_report is None and alone.turns[1:] == \
+        by_task(c, "multi_image", "test")[0].turns[1:]  # no prior study: the multi-image question
     assert test_pair.study_id == "50000011"
     assert test_pair.prior_report == clean_report("There is mild pulmonary edema. Right basilar atelectasis.")
     assert count_images(test_pair.turns) == 4

@@ -94,6 +94,10 @@ def cmd_data_stats(args) -> int:
     print(f"  {'task':32s}" + "".join(f"{s:>10s}" for s in splits))
     for task, by_split in stats["tasks"].items():
         print(f"  {task:32s}" + "".join(f"{by_split.get(s, 0):>10d}" for s in splits))
+    if stats["report_scenarios"]:
+        print("  report generation by rule:")
+        for rule, by_split in stats["report_scenarios"].items():
+            print(f"    {rule:30s}" + "".join(f"{by_split.get(s, 0):>10d}" for s in splits))
     print("  patients: " + ", ".join(f"{k} {v}" for k, v in stats["patients"].items()))
     return report_leakage(stats["leakage"])
 

@@ -27,7 +27,10 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
     total = 0
     ms_cxr_test: set[str] = set()
     training_images: set[str] = set()
+    scenarios: dict = defaultdict(lambda: defaultdict(int))
     for path in files:
+        for key, split in report_scenarios(path):
+            scenarios[key][split] += 1
         table = pq.read_table(path, columns=["task", "dataset", "split", "patient_id"])
         for task, dataset, split, patient in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             tasks[task][split] += 1
@@ -53,10 +56,26 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
         "datasets": as_dict(datasets),
         "pairs": as_dict(pairs),
         "patients": {split: len(ids) for split, ids in sorted(patients.items())},
+        "report_scenarios": as_dict(scenarios),
         "leakage": {"patients_in_several_splits": len(leaked), "examples": leaked[:10],
                     "ms_cxr_test_images_in_training": len(ms_cxr_test & training_images),
                     "ms_cxr_examples": sorted(ms_cxr_test & training_images)[:10]},
     }
+
+
+def report_scenarios(path: Path) -> list[tuple[str, str]]:
+    """(rule, split) of each report-generation sample of one samples file: multi-image by its
+    number of images, multi-study by whether it has the prior study (the paper's rules,
+    data/sources/mimic_cxr.py)."""
+    table = pq.read_table(path, columns=["task", "split", "images"])
+    out = []
+    for task, split, images in zip(*(table.column(c).to_pylist() for c in ("task", "split", "images"))):
+        if task == "multi_image":
+            out.append((f"multi_image, {len(images)} image(s)", split))
+        elif task == "multi_study":
+            prior = sum(i["role"] == "prior" for i in images)
+            out.append(("multi_study, with the prior study" if prior else "multi_study, no prior study (test)", split))
+    return out
 
 
 def ms_cxr_test_and_training_images(path: Path) -> tuple[set[str], set[str]]:

@@ -44,8 +44,10 @@ def image_array(image: Image.Image, size: int, convention: str = "resize") -> np
     """One image -> (size, size) uint8 grayscale, in the frame boxes are written in."""
     image = image.convert("L")
     if convention == "center_crop":
-        scale = size / min(image.size)
-        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        # as Rad-DINO's published processor (BitImageProcessor: shortest edge to `size`, the long
+        # side truncated, bicubic, then a centred square): tests/test_vision_preprocessing.py
+        short, long = sorted(image.size)
+        w, h = (size, int(size * long / short)) if image.width <= image.height else (int(size * long / short), size)
         if (w, h) != image.size:
             image = image.resize((w, h), Image.BICUBIC)
         left, top = (w - size) // 2, (h - size) // 2

@@ -198,8 +198,10 @@ class Collector:
     def add(self, task: str, fields: dict, images: Sequence[tuple[str, str]], *, split: str, patient: str,
             study: str = "", boxes: Iterable[tuple[str, int, Sequence[float]]] = (), labels: dict | None = None,
             report: str | None = None, prior_report: str | None = None,
-            follow_ups: Sequence[tuple[str, str]] = ()) -> Sample:
-        turns = render_conversation(task, fields, self.config.system_prompt, follow_ups=follow_ups)
+            follow_ups: Sequence[tuple[str, str]] = (), template: str | None = None) -> Sample:
+        """One sample of `task`, its conversation rendered from the task's template (or from
+        `template`'s, where a task asks another task's question)."""
+        turns = render_conversation(template or task, fields, self.config.system_prompt, follow_ups=follow_ups)
         sample = Sample(
             sample_id=f"{self.dataset}-{task}-{len(self.samples)}", task=task, task_type=task_type(task),
             dataset=self.dataset, split=split, patient_id=patient, study_id=study or images[0][0],

@@ -5,11 +5,23 @@ The folder holds the JPG release's tables (mimic-cxr-2.0.0-metadata, -split and,
 (.dcm for the DICOM release) and the reports beside the study folders,
 files/p<2>/p<subject>/s<study>.txt (also accepted under mimic-cxr-reports/files/).
 
-The paper's rules: FINDINGS only (the official section extraction, then R2Gen cleaning); reports
-without FINDINGS or with FINDINGS under 5 characters are left out; multi-image takes studies of
-2 to 5 images; multi-study pairs each study with the patient's previous study in time
-(StudyDate, StudyTime) when the two have at most 10 images in all. Chain-of-thought answers come
-from the CheXpert label file, or from our rule-based labeler for studies it lacks.
+The paper's rules (its preprocessing section and Tables 8 and 10), for the studies whose report
+has FINDINGS (the official section extraction, then R2Gen cleaning; no FINDINGS, or FINDINGS
+under 5 characters: left out):
+
+- single-image: every image of the study;
+- multi-image: the study, when it has 1 to 5 images ("one or more images ... within the same
+  study": Table 10's 151,606 multi-image instances from 270,236 images count one-image studies);
+- multi-study: the study with the patient's previous study in time (StudyDate, StudyTime), when
+  that one has FINDINGS too and the two have at most 10 images in all;
+- the test split, as the paper evaluates: one multi-image and one multi-study instance per
+  frontal (PA, AP) image, each of that image's study (2,461 of each on the official split); the
+  multi-study one with the prior study when there is one, else asked as multi-image (128 of the
+  paper's 2,461 have none). Its single-image instances are every image (3,858); the frontal ones
+  are the paper's other single-image test set (2,461).
+
+Chain-of-thought answers come from the CheXpert label file, or from our rule-based labeler for
+studies it lacks.
 
 `MimicIndex` (the images, their studies, splits and times) serves every MIMIC-derived dataset:
 MS-CXR, Chest ImaGenome, MIMIC-CXR-VQA, MIMIC-Diff-VQA and RaDialog.
@@ -184,22 +196,28 @@ def read(c: Collector) -> None:
             common = dict(split=split, patient=patient_id(subject), study=study, labels=labels, report=report)
             for i in ids:
                 c.add("single_image", {**fields, "images": 1}, [(i, "current")], **common)
-            if 2 <= len(ids) <= limits.max_images_multi_image:
-                c.add("multi_image", {**fields, "images": len(ids)}, [(i, "current") for i in ids], **common)
-            elif len(ids) > limits.max_images_multi_image:
+            # the test split: one instance of each scenario per frontal image of the study
+            copies = sum(index.images[d].view in FRONTAL for d in dicoms) if split == "test" else 1
+            current = [(i, "current") for i in ids]
+            if len(ids) > limits.max_images_multi_image:
                 c.exclude(f"multi-image: study of more than {limits.max_images_multi_image} images")
-            if position == 0:
-                continue
-            prior = studies[position - 1]
-            if prior not in reports:
-                c.exclude("multi-study: the previous study has no usable FINDINGS")
+            else:
+                for _ in range(copies):
+                    c.add("multi_image", {**fields, "images": len(ids)}, current, **common)
+            prior = studies[position - 1] if position else None
+            if prior is None or prior not in reports:
+                if split == "test" and len(ids) <= limits.max_images_multi_image:
+                    for _ in range(copies):  # no prior study: the follow-up alone, asked as multi-image
+                        c.add("multi_study", {**fields, "images": len(ids)}, current, template="multi_image", **common)
+                elif prior is not None:
+                    c.exclude("multi-study: the previous study has no usable FINDINGS")
                 continue
             prior_dicoms = index.study_order(index.studies[prior])
             if len(prior_dicoms) + len(dicoms) > limits.max_images_multi_study:
                 c.exclude(f"multi-study: more than {limits.max_images_multi_study} images in the two studies")
                 continue
             prior_ids = [index.register(c, d) for d in prior_dicoms]
-            c.add("multi_study", {**fields, "prior_images": len(prior_ids), "prior_report": reports[prior][0],
-                                  "follow_up_images": len(ids)},
-                  [(i, "prior") for i in prior_ids] + [(i, "current") for i in ids],
-                  prior_report=reports[prior][0], **common)
+            for _ in range(copies):
+                c.add("multi_study", {**fields, "prior_images": len(prior_ids), "prior_report": reports[prior][0],
+                                      "follow_up_images": len(ids)},
+                      [(i, "prior") for i in prior_ids] + current, prior_report=reports[prior][0], **common)
