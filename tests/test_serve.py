@@ -447,6 +447,13 @@ def test_checkpoints_share_an_engine_only_with_the_same_base_and_tokenizer(tiny_
     assert sorted(groups.values()) == [["default", "other"], ["retokenized"], ["trained"]]
 
 
+def test_vllm_settings_are_refused_on_the_transformers_engine(tiny_checkpoints):
+    from m4cxr.serve.model_server import ModelServer
+
+    with pytest.raises(ValueError, match=r"engine_args \['max_num_seqs'\] are vLLM's, but the engine here is 'hf'"):
+        ModelServer.func_or_class(tiny_checkpoints, engine="hf", engine_args={"max_num_seqs": 4})
+
+
 def test_health_check_fails_when_the_model_cannot_generate(tiny_checkpoints):
     import asyncio
 

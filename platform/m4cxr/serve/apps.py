@@ -136,10 +136,12 @@ class Ingress:
     async def respond(self, name: str, info: dict, body: dict) -> dict | StreamingResponse:
         raise NotImplementedError  # each route answers its own
 
-    async def answer_stream(self, name: str, conversation: list[dict], images: list):
-        """The greedy answer's pieces as they come; a problem with the prompt is raised before the
-        first piece (the route's 4xx), not inside the stream."""
-        pieces = self.model(name).options(stream=True).stream.remote(conversation, images, Sampling(self.max_new_tokens))
+    async def answer_stream(self, name: str, conversation: list[dict], images: list, sampling: Sampling | None = None):
+        """The answer's text pieces as they come, then its details (a dict); greedy within the
+        route's token limit unless `sampling` says otherwise. A problem with the prompt is raised
+        before the first piece (the route's 4xx), not inside the stream."""
+        sampling = sampling or Sampling(self.max_new_tokens)
+        pieces = self.model(name).options(stream=True).stream.remote(conversation, images, sampling)
         first = await model_call(pieces.__anext__())
         raise_error(first)
 
@@ -283,29 +285,20 @@ class ChatService(Ingress):
             name = self.model_id(request, body)
             conv, images = chat_conversation(body.get("messages"), (await self.info(name))["system_prompt"])
             if stream:
-                pieces = self.model(name).options(stream=True).stream.remote(conv, images, sampling)
-                first = await model_call(pieces.__anext__())  # a problem with the prompt: a 4xx before the stream
-                raise_error(first)
-                return StreamingResponse(self.chat_events(name, first, pieces, include_usage),
-                                         media_type="text/event-stream")
+                pieces = await self.answer_stream(name, conv, images, sampling)
+                return StreamingResponse(self.chat_events(name, pieces, include_usage), media_type="text/event-stream")
             details = await self.answer_details(name, conv, images, sampling)
         except RequestError as err:
             return openai_error(err)
         return JSONResponse(chat_response(name, details))
 
-    async def chat_events(self, name: str, first, pieces, include_usage: bool):
+    async def chat_events(self, name: str, pieces, include_usage: bool):
         """The chat answer as OpenAI's chunks: the role, the text as it comes, the finish reason,
         the usage (when asked), then [DONE]. An error mid-way ends the stream with an error event."""
         cid, created = completion_id(), int(time.time())
         yield sse(chunk(cid, name, created, {"role": "assistant", "content": ""}))
-
-        async def items():
-            yield first
-            async for item in pieces:
-                yield item
-
         try:
-            async for item in items():
+            async for item in pieces:
                 if isinstance(item, str):
                     yield sse(chunk(cid, name, created, {"content": item}))
                 else:
@@ -391,8 +384,9 @@ def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str 
                  apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1"), prefix: str = "", **args: Any) -> str:
     """Start the model application and the routes over it on this Ray cluster; returns the base
     URL. `args` are the applications' (each takes its own); deployment options given here are the
-    model application's (the routes' belong in a config file or `build`). With a prefix, the applications are named "<prefix>-model", "<prefix>-mrg",
-    ... and the routes are /<prefix>/mrg, ... (another set of services beside the first)."""
+    model application's (the routes' belong in a config file or `build`). With a prefix, the
+    applications are named "<prefix>-model", "<prefix>-mrg", ... and the routes are
+    /<prefix>/mrg, ... (another set of services beside the first)."""
     from m4cxr.ray_cluster import init_ray
 
     unknown = sorted(set(args) - set(BOTH_ARGS + MODEL_ARGS + ROUTE_ARGS + DEPLOYMENT_ARGS))

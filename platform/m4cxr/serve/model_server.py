@@ -69,6 +69,8 @@ class ModelServer:
             batched.set_max_batch_size(max_batch_size)
             batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.engine = resolve_engine(engine)
+        if engine_args and self.engine != "vllm":  # vLLM's settings would be silently unused
+            raise ValueError(f"engine_args {sorted(engine_args)} are vLLM's, but the engine here is {self.engine!r}")
         self.engines: dict[str, Any] = {}  # checkpoint name -> the vLLM engine that serves it
         if self.engine == "vllm":
             self.start_engines(use_gpu, engine_args or {})

@@ -73,12 +73,10 @@ def sampling_params(sampling: Sampling, stream: bool):
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
 
-def finish(output, prompt_tokens: int, cached_tokens: int | None) -> dict[str, Any]:
-    """A vLLM completion as the details the routes report (model/m4cxr.py generate_details), with
-    the prompt positions found in the prefix cache."""
+def finish(output, prompt_tokens: int) -> dict[str, Any]:
+    """A vLLM completion as the details the routes report (model/m4cxr.py generate_details)."""
     return {"text": output.text.strip(), "prompt_tokens": prompt_tokens, "completion_tokens": len(output.token_ids),
-            "finish_reason": "length" if output.finish_reason == "length" else "stop",
-            "cached_tokens": cached_tokens or 0}
+            "finish_reason": "length" if output.finish_reason == "length" else "stop"}
 
 
 class VLLMEngine:
@@ -145,10 +143,10 @@ class VLLMEngine:
             raise RuntimeError("the engine returned nothing")
         prompt_tokens = len(embeds)
         if stream:
-            yield {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "cached_tokens": last.num_cached_tokens or 0,
+            yield {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
                    "finish_reason": "length" if last.outputs[0].finish_reason == "length" else "stop"}
         else:
-            done = [finish(o, prompt_tokens, last.num_cached_tokens) for o in sorted(last.outputs, key=lambda o: o.index)]
+            done = [finish(o, prompt_tokens) for o in sorted(last.outputs, key=lambda o: o.index)]
             yield done * sampling.n if len(done) == 1 else done
 
     async def check_health(self) -> None:
