@@ -45,10 +45,24 @@ def evaluate(exp: Experiment, checkpoint: str | Path, out: str | Path, corpus_di
     results["files"] = {"predictions": str(out / "predictions.parquet"), "tables": str(out / "tables.md"),
                         "report": str(page), "overlays": [str(p) for p in overlays]}
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_evaluation_card(checkpoint, results, exp, out)
     track(exp, results, out, checkpoint)
     print(tables)
     print(f"eval: done in {results['seconds']:.0f}s -> {page}")
     return results
+
+
+def write_evaluation_card(checkpoint: str | Path, results: dict, exp: Experiment, out: Path) -> None:
+    """evaluation.json in the checkpoint folder: what a served checkpoint shows of its latest
+    evaluation (the web page): the split, the labeler and the headline numbers."""
+    card = {"experiment": exp.name, "split": results["split"], "corpus": results["corpus"],
+            "labeler": results["labeler"], "mode": "cot" if exp.eval.cot else "no_cot",
+            "headline": headline(results, exp), "metrics": str(out / "metrics.json"),
+            "evaluated": time.strftime("%Y-%m-%d %H:%M", time.localtime())}
+    try:
+        (Path(checkpoint) / "evaluation.json").write_text(json.dumps(card, indent=2))
+    except OSError as err:  # a read-only checkpoint store: the evaluation itself stands
+        print(f"eval: could not write {Path(checkpoint) / 'evaluation.json'} ({err})")
 
 
 def eval_summary(results: dict, exp: Experiment) -> dict:

@@ -79,9 +79,9 @@ async def model_call(call):
         raise RequestError(f"the model replica stopped ({type(err).__name__}); retry shortly", 503) from err
 
 
-class Ingress:
-    """What every route shares: access, the checkpoint a request names, and calls to the model
-    application."""
+class ModelClient:
+    """What every route and the web page share: the checkpoints, the one a request names, and
+    calls to the model application."""
 
     def __init__(self, checkpoints: list[str], default: str = "default", max_new_tokens: int = 256,
                  api_key_hashes: list[str] | None = None, model_app: str = "model"):
@@ -100,6 +100,9 @@ class Ingress:
 
     def model_id(self, request: Request, body: dict | None = None) -> str:
         name = (body or {}).get("model") or request.headers.get("serve_multiplexed_model_id") or self.default
+        return self.check_model(name)
+
+    def check_model(self, name: str) -> str:
         if name not in self.checkpoints:
             raise RequestError(f"unknown model {name!r}; served: {self.checkpoints}", 404)
         return name
@@ -120,22 +123,6 @@ class Ingress:
         """The greedy answer within this route's token limit (the task routes)."""
         return (await self.answer_details(name, conversation, images, Sampling(self.max_new_tokens)))[0]["text"]
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        """Parse, answer with the route's `respond`, and turn any RequestError into its 4xx."""
-        try:
-            check_access(request, self.api_key_hashes)
-            if request.method != "POST":
-                raise RequestError(f"use POST for {request.url.path}", 405)
-            body = parse_json(await request.body())
-            name = self.model_id(request, body)
-            out = await self.respond(name, await self.info(name), body)
-            return out if isinstance(out, StreamingResponse) else JSONResponse(out)
-        except RequestError as err:
-            return error_response(err)
-
-    async def respond(self, name: str, info: dict, body: dict) -> dict | StreamingResponse:
-        raise NotImplementedError  # each route answers its own
-
     async def answer_stream(self, name: str, conversation: list[dict], images: list, sampling: Sampling | None = None):
         """The answer's text pieces as they come, then its details (a dict); greedy within the
         route's token limit unless `sampling` says otherwise. A problem with the prompt is raised
@@ -153,6 +140,45 @@ class Ingress:
 
         return items()
 
+    async def report_pieces(self, name: str, req: dict[str, Any]):
+        """A checked report request's answers as they are written: ("findings", piece) while the
+        CoT's first turn is written, then ("report", piece), then ("done", the whole answer as the
+        unstreamed route gives it). A problem with the prompt is raised before the first piece."""
+        first, second, images = mrg_turns(req, (await self.info(name))["system_prompt"])
+        pieces = await self.answer_stream(name, first, images)
+        texts = {"findings": "", "report": ""}
+        for part in ("findings", "report") if req["cot"] else ("report",):
+            if part == "report" and req["cot"]:
+                conversation = first + [{"role": "assistant", "content": texts["findings"]}] + second
+                pieces = await self.answer_stream(name, conversation, images)
+            async for item in pieces:
+                if isinstance(item, str):
+                    texts[part] += item
+                    yield part, item
+            texts[part] = texts[part].strip()
+        yield "done", {"findings": findings_list(texts["findings"]) if req["cot"] else [],
+                       "findings_text": texts["findings"], "report": texts["report"]}
+
+
+class Ingress(ModelClient):
+    """A route: access, parsing, and any RequestError as its 4xx."""
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        """Parse, answer with the route's `respond`, and turn any RequestError into its 4xx."""
+        try:
+            check_access(request, self.api_key_hashes)
+            if request.method != "POST":
+                raise RequestError(f"use POST for {request.url.path}", 405)
+            body = parse_json(await request.body())
+            name = self.model_id(request, body)
+            out = await self.respond(name, await self.info(name), body)
+            return out if isinstance(out, StreamingResponse) else JSONResponse(out)
+        except RequestError as err:
+            return error_response(err)
+
+    async def respond(self, name: str, info: dict, body: dict) -> dict | StreamingResponse:
+        raise NotImplementedError  # each route answers its own
+
 
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=128)
 class MRGService(Ingress):
@@ -162,34 +188,28 @@ class MRGService(Ingress):
         if not isinstance(stream, bool):
             raise RequestError("field 'stream' must be true or false")
         req = parse_mrg(body)
-        first, second, images = mrg_turns(req, info["system_prompt"])
         if stream:
-            pieces = await self.answer_stream(name, first, images)
-            return StreamingResponse(self.report_events(name, req["cot"], first, second, images, pieces),
-                                     media_type="text/event-stream")
+            pieces = self.report_pieces(name, req)
+            first = await pieces.__anext__()  # a problem with the prompt is the route's 4xx, before the stream
+            return StreamingResponse(self.report_events(first, pieces), media_type="text/event-stream")
+        first, second, images = mrg_turns(req, info["system_prompt"])
         answer = await self.answer(name, first, images)
         if not req["cot"]:
             return {"findings": [], "findings_text": "", "report": answer}
         report = await self.answer(name, first + [{"role": "assistant", "content": answer}] + second, images)
         return {"findings": findings_list(answer), "findings_text": answer, "report": report}
 
-    async def report_events(self, name: str, cot: bool, first: list[dict], second: list[dict], images: list, pieces):
+    async def report_events(self, first: tuple, pieces):
         """The findings, then the report, piece by piece as they are written, then the whole
         answer as the unstreamed route gives it, then [DONE]; an error ends the stream with an
         error event."""
+        def event(part: str, item) -> str:
+            return sse(item if part == "done" else {"part": part, "text": item})
+
         try:
-            texts = {"findings": "", "report": ""}
-            for part in ("findings", "report") if cot else ("report",):
-                if part == "report" and cot:
-                    conversation = first + [{"role": "assistant", "content": texts["findings"]}] + second
-                    pieces = await self.answer_stream(name, conversation, images)
-                async for item in pieces:
-                    if isinstance(item, str):
-                        texts[part] += item
-                        yield sse({"part": part, "text": item})
-                texts[part] = texts[part].strip()
-            yield sse({"findings": findings_list(texts["findings"]) if cot else [], "findings_text": texts["findings"],
-                       "report": texts["report"]})
+            yield event(*first)
+            async for part, item in pieces:
+                yield event(part, item)
         except RequestError as err:
             yield sse({"error": err.message, "status": err.status})
         except Exception as err:
@@ -326,8 +346,8 @@ DEPLOYMENT_ARGS = ("max_ongoing_requests", "max_queued_requests", "autoscaling_c
 def build(name: str, args: dict[str, Any]):
     """An application from `serve run` args: "model" (ModelServer over checkpoints {name: folder})
     or an ingress route (mrg, grounding, vqa, v1) over the model application `model_app`."""
-    if name != "model" and name not in SERVICES:
-        raise ValueError(f"no application {name!r}; choose model or one of {list(SERVICES)}")
+    if name != "model" and name not in SERVICES and name != "ui":
+        raise ValueError(f"no application {name!r}; choose model, ui or one of {list(SERVICES)}")
     checkpoints = args.get("checkpoints") or {}
     if isinstance(checkpoints, str):
         checkpoints = {"default": checkpoints}
@@ -353,8 +373,14 @@ def build(name: str, args: dict[str, Any]):
         actor.setdefault("num_cpus", 1 if server.get("use_gpu") else 0.25)
         return ModelServer.options(**options).bind(checkpoints=checkpoints, **server)
     actor.setdefault("num_cpus", 0.05)  # an ingress only checks requests and writes prompts
+    if name == "ui":
+        from m4cxr.serve.ui import UIService  # gradio is imported only where the page is served
+
+        deployment = UIService
+    else:
+        deployment = SERVICES[name]
     # keys become hashes here: the replicas (and Serve's stored options) never hold a key itself
-    return SERVICES[name].options(**options).bind(
+    return deployment.options(**options).bind(
         checkpoints=list(checkpoints), default=default, max_new_tokens=args.get("max_new_tokens", 256),
         api_key_hashes=key_hashes(args.get("api_keys"), args.get("api_keys_file", "")),
         model_app=args.get("model_app", "model"))
@@ -380,8 +406,12 @@ def chat_app(args: dict[str, Any]):
     return build("v1", args)
 
 
+def ui_app(args: dict[str, Any]):
+    return build("ui", args)
+
+
 def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str = "127.0.0.1",
-                 apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1"), prefix: str = "", **args: Any) -> str:
+                 apps: tuple[str, ...] = ("mrg", "grounding", "vqa", "v1", "ui"), prefix: str = "", **args: Any) -> str:
     """Start the model application and the routes over it on this Ray cluster; returns the base
     URL. `args` are the applications' (each takes its own); deployment options given here are the
     model application's (the routes' belong in a config file or `build`). With a prefix, the

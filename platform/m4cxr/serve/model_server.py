@@ -38,6 +38,14 @@ log = logging.getLogger("ray.serve")
 ENGINES = ("auto", "vllm", "hf")
 
 
+def read_evaluation(folder: str) -> dict | None:
+    """The checkpoint's evaluation summary (eval/run.py writes evaluation.json beside it), if any."""
+    import json
+
+    path = Path(folder) / "evaluation.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def resolve_engine(engine: str) -> str:
     """"auto" is vLLM where it is installed, else transformers."""
     if engine not in ENGINES:
@@ -111,6 +119,8 @@ class ModelServer:
         llm = "embeddings" if self.engine == "vllm" else "full"
         model, exp = await asyncio.to_thread(load_checkpoint, path, self.device, self.dtype, False, llm)
         model.name = model_id
+        model.experiment = exp.name
+        model.evaluation = read_evaluation(path)
         model.system_prompt = exp.data.system_prompt or DEFAULT_SYSTEM_PROMPT
         model.context_limit = self.max_prompt_tokens or exp.train.max_seq_len
         return model
@@ -127,7 +137,9 @@ class ModelServer:
         except RequestError as err:
             return {"error": err.message, "status": err.status}
         return {"system_prompt": model.system_prompt, "box_convention": model.box_convention, "engine": self.engine,
-                "shares_engine_with": [n for n, e in self.engines.items() if e is self.engines.get(model.name)]}
+                "shares_engine_with": [n for n, e in self.engines.items() if e is self.engines.get(model.name)],
+                "checkpoint": self.checkpoints[model.name], "experiment": model.experiment,
+                "evaluation": model.evaluation}
 
     async def generate(self, conversation: list[dict], images: list, sampling: Sampling) -> list[dict] | dict:
         """The details of the request's n answers (model/m4cxr.py generate_details)."""
