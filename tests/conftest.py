@@ -48,3 +48,32 @@ def cluster():
         yield c
     finally:
         c.stop()
+
+
+# the quickstart, small: 60 patients, 80 instruction-tuning steps, 2 sweep trials
+QUICKSTART_OVERRIDES = [
+    "data.synthetic.patients=60", "train.pretrain.training_steps=10", "train.pretrain.max_steps=10",
+    "train.instruction.training_steps=80", "train.instruction.max_steps=80", "train.val_samples=24",
+    "eval.samples_per_task=6", "eval.bootstrap_samples=20", "eval.overlays=2",
+    "tune.num_trials=2", "tune.trial_steps=4", "tune.eval_every=2", "tune.eval_samples_per_task=4"]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The small quickstart, run once per test run: (its folder, its summary). Its trained and
+    evaluated checkpoints serve the quickstart test and the web page's browser test."""
+    import ray
+
+    from m4cxr.quickstart import run_quickstart
+    from m4cxr.ray_cluster import init_ray
+
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    started_here = not ray.is_initialized()
+    init_ray(num_cpus=2, log_to_driver=False)
+    try:
+        summary = run_quickstart(out, ROOT / "experiments/quickstart.yaml",
+                                 [*QUICKSTART_OVERRIDES, f"serve.port={free_port()}"])
+    finally:
+        if started_here:
+            ray.shutdown()
+    return out, summary

@@ -613,7 +613,10 @@ def test_serve_config_files_match_the_applications(name):
         kind = builder.removesuffix("_app").replace("chat", "v1")
         own = apps.MODEL_ARGS if kind == "model" else apps.ROUTE_ARGS
         assert set(app["args"]) <= set(apps.BOTH_ARGS + own + apps.DEPLOYMENT_ARGS), app["name"]
-        cls = apps.ModelServer if kind == "model" else apps.SERVICES[kind]
+        if kind == "ui":
+            from m4cxr.serve.ui import UIService as cls
+        else:
+            cls = apps.ModelServer if kind == "model" else apps.SERVICES[kind]
         assert [d["name"] for d in app["deployments"]] == [cls.name]
         if kind != "model":
             assert app["args"]["model_app"] in models and app["route_prefix"]

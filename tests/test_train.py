@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,7 +11,7 @@ from m4cxr.config import load_experiment
 from m4cxr.train.lineage import lineage_problems, read_metrics
 from m4cxr.train.run import run_stage
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 from faults import Killer, at_step
 
 
@@ -35,16 +36,9 @@ def test_rerun_with_the_same_name_resumes_a_failed_run(ray_local, synthetic_corp
     assert summary["restart_costs"][0]["resumed_from_step"] in (0, 3)
 
 
-def test_quickstart_learns(ray_local, tmp_path):
-    from m4cxr.quickstart import run_quickstart
-
-    summary = run_quickstart(tmp_path / "qs", ROOT / "experiments/quickstart.yaml", [
-        "data.synthetic.patients=60", "train.pretrain.training_steps=10", "train.pretrain.max_steps=10",
-        "train.instruction.training_steps=80", "train.instruction.max_steps=80", "train.val_samples=24",
-        "eval.samples_per_task=6", "eval.bootstrap_samples=20", "eval.overlays=2",
-        "tune.num_trials=2", "tune.trial_steps=4", "tune.eval_every=2", "tune.eval_samples_per_task=4",
-        f"serve.port={free_port()}"])
-    on_disk = json.loads((tmp_path / "qs/summary.json").read_text())
+def test_quickstart_learns(ray_local, quickstart_run):
+    out, summary = quickstart_run
+    on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     train = summary["train"]
     assert train["steps"] == 80
@@ -54,16 +48,18 @@ def test_quickstart_learns(ray_local, tmp_path):
     assert set(ev) >= {"mrg", "grounding", "vqa", "hallucinated_comparison_rate"}
     assert set(ev["mrg"]) == {"mF1-14", "MF1-14", "BLEU-4", "ROUGE-L", "baseline_mF1-14"}
     assert set(ev["grounding"]) == {"mIoU", "acc@0.5", "baseline_mIoU"}
-    metrics = json.loads((tmp_path / "qs/eval/metrics.json").read_text())
+    metrics = json.loads((out / "eval/metrics.json").read_text())
     assert metrics["counts"]["single_image/cot"] == {"samples": 6, "errors": 0, "error_examples": []}
     assert metrics["counts"]["single_image/no_cot"]["samples"] == 6
-    assert len(list((tmp_path / "qs/eval/overlays").glob("*.png"))) == 2
-    assert "## Table 1" in (tmp_path / "qs/eval/report.md").read_text()
+    assert len(list((out / "eval/overlays").glob("*.png"))) == 2
+    assert "## Table 1" in (out / "eval/report.md").read_text()
     assert summary["sweep"]["trials"] == 2 and summary["sweep"]["completed"] == 2
-    assert summary["serve"]["requests_ok"] == 4 and summary["serve"]["requests_failed"] == 0
+    assert summary["serve"]["requests_ok"] == 5 and summary["serve"]["requests_failed"] == 0
     assert summary["serve"]["checkpoints"] == ["default", "sweep-best"]
     from m4cxr.model.checkpoint import load_checkpoint
 
+    card = json.loads((Path(train["checkpoint"]) / "evaluation.json").read_text())  # the web page shows it
+    assert card["experiment"] == "quickstart" and card["headline"]["mIoU"] == ev["grounding"]["mIoU"]
     model, exp = load_checkpoint(train["checkpoint"])
     assert exp.name == "quickstart" and model.tokens_per_image == 16
 

@@ -213,6 +213,7 @@ def cmd_serve(args) -> int:
                        max_batch_size=args.max_batch_size, use_gpu=args.gpu, engine=args.engine, **keys)
     print(f"serving {', '.join(f'{k}={v}' for k, v in checkpoints.items())} at {url}:\n"
           f"  POST {url}/mrg  {url}/grounding  {url}/vqa  {url}/v1/chat/completions;  GET {url}/v1/models\n"
+          f"  the web page: {url}/ui/\n"
           f"  (Ctrl-C stops)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="sweep name (default: <experiment>-sweep); rerun with it to continue")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("serve", help="serve checkpoints with Ray Serve (mrg, grounding, vqa, OpenAI-style chat)")
+    p = sub.add_parser("serve", help="serve checkpoints with Ray Serve (mrg, grounding, vqa, OpenAI-style chat, the web page)")
     p.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]DIR",
                    help="a checkpoint folder; repeat as NAME=DIR to serve several (the first is the default)")
     p.add_argument("--port", type=int, default=8000)

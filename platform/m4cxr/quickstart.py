@@ -86,8 +86,8 @@ def describe_eval(ev: dict) -> str:
 
 
 def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
-    """Start the services, send one request of each kind (report, grounding, VQA, chat with the
-    sweep's winner), print the answers, shut down."""
+    """Start the services, load the web page and send one request of each kind (report,
+    grounding, VQA, chat with the sweep's winner), print the answers, shut down."""
     import base64
     import json as js
     import socket
@@ -124,6 +124,13 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
     }
     out = {"url": url, "checkpoints": list(checkpoints), "requests_ok": 0, "requests_failed": 0, "answers": {}}
     try:
+        try:  # the web page, at /ui beside the routes
+            with urllib.request.urlopen(url + "/ui/", timeout=120) as r:
+                page_ok = r.status == 200 and b"M4CXR" in r.read()  # the page and its config
+        except (urllib.error.URLError, TimeoutError):
+            page_ok = False
+        out["requests_ok" if page_ok else "requests_failed"] += 1
+        print(f"  /ui/: {'the page' if page_ok else 'no page'} (open {url}/ui/ in a browser)")
         for name, (route, body) in requests.items():
             req = urllib.request.Request(url + route, data=js.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})

@@ -1,5 +1,5 @@
 """The Ray Serve applications: one model application and four light ingress applications over
-it (report generation, grounding, VQA, OpenAI-style chat).
+it (report generation, grounding, VQA, OpenAI-style chat), and the web page.
 
     model                      ModelServer (serve/model_server.py): the checkpoints and the
                                engine (vLLM, or transformers); no HTTP route; its replicas
@@ -15,6 +15,7 @@ it (report generation, grounding, VQA, OpenAI-style chat).
     POST /v1/chat/completions  OpenAI chat (text and image_url parts), multi-turn; streaming,
                                sampling, n, stop, seed and token limits (serve/openai_chat.py)
     GET  /v1/models            the served checkpoints
+    GET  /ui/                  the web page (serve/ui.py, Gradio) over the same model application
 
 An ingress checks the request, writes the prompt and calls the model application through a
 handle (its `model_app` arg names it), with the checkpoint as the handle's multiplexed model id.

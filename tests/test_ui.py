@@ -1,0 +1,153 @@
+"""The web page at /ui (serve/ui.py) as its users meet it: headless Chromium (Debian's `chromium`)
+driven by Playwright, and gradio_client on the page's named endpoints, over the services with the
+small quickstart's trained and evaluated checkpoint. What the page shows is held to what the API
+routes answer for the same input. Screenshots of each state go to docs/."""
+
+import base64
+import json
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REAL, ROOT, free_port
+from dataset_fixtures import PATIENT_NAME, PATIENT_TAG_ID, write_dicom
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+IMAGE = REAL / "cc_by" / "2c35005f.jpg"  # a real PA radiograph, CC BY 3.0 (tests/data/real/SOURCES.md)
+DOCS = ROOT / "docs"
+PHRASE = "There is a small left pleural effusion."
+
+
+@pytest.fixture(scope="module")
+def page_services(ray_local, quickstart_run):
+    from ray import serve
+
+    from m4cxr.config import load_experiment
+    from m4cxr.serve.apps import run_services
+
+    _, summary = quickstart_run
+    exp = load_experiment(ROOT / "experiments/quickstart.yaml")
+    # the transformers engine: it starts in seconds; the page calls the model application the same
+    # way on either engine (tests/test_serve.py holds the engines to equal answers)
+    url = run_services({"default": summary["train"]["checkpoint"]}, port=free_port(), engine="hf",
+                       max_new_tokens=exp.eval.max_new_tokens, apps=("mrg", "grounding", "ui"))
+    yield url
+    serve.shutdown()
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_gradio_client_gets_a_report_and_a_box(page_services):
+    from gradio_client import Client, handle_file
+
+    api_report = post(f"{page_services}/mrg", {"scenario": "single_image", "images": [b64(IMAGE)]})
+    api_box = post(f"{page_services}/grounding", {"image": b64(IMAGE), "phrase": PHRASE})
+    client = Client(f"{page_services}/ui/", verbose=False)
+    assert {"/report", "/grounding", "/describe_box", "/vqa", "/chat", "/checkpoint_info"} <= set(
+        client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+
+    chips, findings_text, report, _ = client.predict("default", [handle_file(str(IMAGE))], None, "", "auto", True,
+                                                     api_name="/report")
+    assert report == api_report["report"] and report.strip()
+    assert findings_text == api_report["findings_text"]
+    assert [c["token"] for c in chips] == (api_report["findings"] or ["Not found."])
+
+    picture, answer, box = client.predict("default", [handle_file(str(IMAGE))], "phrase", PHRASE,
+                                          api_name="/grounding")
+    assert box == api_box["box"] and box is not None and answer == api_box["answer"]
+    assert Path(picture).stat().st_size > 0
+
+    # a bad upload: the route's own message, raised to the client
+    with pytest.raises(Exception, match=r"images\[0\]: not an image"):
+        client.predict("default", [handle_file(str(ROOT / "pyproject.toml"))], None, "", "single_image", True,
+                       api_name="/report")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium; .ci/run installs it)")
+def test_page_in_a_real_browser(page_services, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from m4cxr.serve.ui import report_sentences
+
+    api_report = post(f"{page_services}/mrg", {"scenario": "single_image", "images": [b64(IMAGE)]})
+    sentence = report_sentences(api_report["report"])[0]
+    api_box = post(f"{page_services}/grounding", {"image": b64(IMAGE), "phrase": sentence})
+    dicom = write_dicom(tmp_path / "study.dcm", size=(256, 256))  # carries a patient name and id
+    api_dicom = post(f"{page_services}/mrg", {"scenario": "single_image", "images": [b64(dicom)]})
+    corrupt = tmp_path / "scan.png"
+    corrupt.write_bytes((REAL / "cc_by" / "ARDSSevere.png").read_bytes()[:5000])  # a real PNG, cut short
+    DOCS.mkdir(exist_ok=True)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(f"{page_services}/ui/")
+        expect(page.get_by_text("A research model, not a diagnostic device")).to_be_visible(timeout=60_000)
+        info = page.locator("#checkpoint-info")
+        expect(info).to_contain_text("quickstart")  # the experiment, and its evaluation's labeler
+        expect(info).to_contain_text("labeler: rule-based CheXpert-14 labeler")
+
+        # report generation on a real radiograph: the findings, then the report, as the API gives them
+        page.locator("#study-files input[type=file]").set_input_files(str(IMAGE))
+        expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
+        page.locator("#report-button").click()
+        expect(page.locator("#report-text textarea")).to_have_value(api_report["report"], timeout=120_000)
+        expect(page.locator("#findings-text textarea")).to_have_value(api_report["findings_text"])
+        for chip in api_report["findings"] or ["Not found."]:
+            expect(page.locator("#findings-chips")).to_contain_text(chip)
+        page.screenshot(path=str(DOCS / "ui_report.png"), full_page=True)
+
+        # a sentence of the report, clicked: grounded, its box drawn on the image
+        page.locator("#sentences label").first.click()
+        expect(page.locator("#ground-answer textarea")).to_have_value(api_box["answer"], timeout=60_000)
+        expect(page.locator("#boxed img")).to_be_visible()
+        assert api_box["box"] is not None, api_box  # the trained model answers with a box
+        page.screenshot(path=str(DOCS / "ui_grounding.png"), full_page=True)
+
+        # the reverse question: two clicks on the image make the box asked about
+        canvas = page.locator("#canvas img")
+        size = canvas.bounding_box()
+        canvas.click(position={"x": 0.2 * size["width"], "y": 0.3 * size["height"]})
+        canvas.click(position={"x": 0.6 * size["width"], "y": 0.8 * size["height"]})
+        box_text = page.locator("#box-text textarea")
+        expect(box_text).not_to_have_value("", timeout=30_000)
+        box = json.loads(box_text.input_value())
+        assert all(abs(a - b) <= 2 for a, b in zip(box, [20, 30, 60, 80])), box
+        expect(page.locator("#box-preview img")).to_be_visible()
+        page.locator("#box-button").click()
+        expect(page.locator("#box-answer textarea")).not_to_have_value("", timeout=60_000)
+
+        # a DICOM: its pixels are shown and reported on, its patient tags nowhere
+        page.locator("#study-files button[aria-label='Clear']").first.click()
+        page.locator("#study-files input[type=file]").set_input_files(str(dicom))
+        expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
+        page.locator("#report-button").click()
+        expect(page.locator("#report-text textarea")).to_have_value(api_dicom["report"], timeout=120_000)
+        html = page.content()
+        assert PATIENT_NAME not in html and PATIENT_TAG_ID not in html
+
+        # a corrupt file: the API's message, shown in the page
+        page.locator("#study-files button[aria-label='Clear']").first.click()
+        page.locator("#study-files input[type=file]").set_input_files(str(corrupt))
+        expect(page.get_by_text("study file 1: corrupt PNG data")).to_be_visible(timeout=30_000)
+        page.locator("#report-button").click()
+        expect(page.get_by_text("images[0]: corrupt PNG data").first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(DOCS / "ui_error.png"), full_page=True)
+        browser.close()
+
+    logs = Path("/tmp/ray/session_latest/logs")  # Serve's replica and access logs
+    for path in logs.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            text = path.read_bytes()
+            assert PATIENT_NAME.encode() not in text and PATIENT_TAG_ID.encode() not in text, path
