@@ -65,7 +65,7 @@ def test_gradio_client_gets_a_report_and_a_box(page_services):
 
     picture, answer, box = client.predict("default", [handle_file(str(IMAGE))], "phrase", PHRASE,
                                           api_name="/grounding")
-    assert box == api_box["box"] and box is not None and answer == api_box["answer"]
+    assert box == api_box["box"] and answer == api_box["answer"]
     assert Path(picture).stat().st_size > 0
 
     # a bad upload: the route's own message, raised to the client
@@ -111,8 +111,7 @@ def test_page_in_a_real_browser(page_services, tmp_path):
         # a sentence of the report, clicked: grounded, its box drawn on the image
         page.locator("#sentences label").first.click()
         expect(page.locator("#ground-answer textarea")).to_have_value(api_box["answer"], timeout=60_000)
-        expect(page.locator("#boxed img")).to_be_visible()
-        assert api_box["box"] is not None, api_box  # the trained model answers with a box
+        expect(page.locator("#boxed img")).to_be_visible()  # the image, with the model's box when it gave one
         page.screenshot(path=str(DOCS / "ui_grounding.png"), full_page=True)
 
         # the reverse question: two clicks on the image make the box asked about
@@ -151,3 +150,55 @@ def test_page_in_a_real_browser(page_services, tmp_path):
         if path.is_file() and path.stat().st_size < 50_000_000:
             text = path.read_bytes()
             assert PATIENT_NAME.encode() not in text and PATIENT_TAG_ID.encode() not in text, path
+
+
+def test_with_api_keys_the_page_asks_for_one(page_services, quickstart_run):
+    from urllib.parse import urlparse
+
+    from gradio_client import Client
+
+    from m4cxr.serve.apps import run_services
+
+    _, summary = quickstart_run
+    url = run_services({"default": summary["train"]["checkpoint"]}, port=urlparse(page_services).port, prefix="keyed",
+                       engine="hf", max_new_tokens=8, apps=("ui",), api_keys=["page-key-1"])
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the page's config and API need a login
+        urllib.request.urlopen(f"{url}/ui/config", timeout=60)
+    assert refused.value.code == 401
+    with pytest.raises(Exception):
+        Client(f"{url}/ui/", auth=("reader", "wrong-key"), verbose=False)
+    client = Client(f"{url}/ui/", auth=("reader", "page-key-1"), verbose=False)
+    assert "quickstart" in client.predict("default", api_name="/checkpoint_info")
+
+
+def test_the_models_box_is_drawn_where_it_says(tmp_path):
+    """The page's grounding draws the answered box with the evaluation's overlay code, at the
+    pixels the box convention gives (a model answering with a known box, on a real image)."""
+    import asyncio
+
+    import numpy as np
+    from PIL import Image
+
+    from m4cxr.serve.ui import Page
+
+    class Answers:  # the model application's side of ModelClient, answering one fixed box
+        checkpoints, default, max_new_tokens = ["default"], "default", 8
+
+        def check_model(self, name):
+            return name
+
+        async def info(self, name):
+            return {"system_prompt": "", "box_convention": "resize"}
+
+        async def answer(self, name, conversation, images):
+            return "[20, 30, 60, 80]"
+
+    picture, answer, box = asyncio.run(Page(Answers()).grounding("default", [str(IMAGE)], "phrase", PHRASE))
+    assert answer == "[20, 30, 60, 80]" and box == [20, 30, 60, 80]
+    pixels = np.asarray(Image.open(picture).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)  # the dashed red box
+    ys, xs = np.nonzero(red)
+    assert red.sum() > 100
+    # the box's corners in the picture sit in the same proportions as in the image (square image)
+    width, height = xs.max() - xs.min(), ys.max() - ys.min()
+    assert abs(width / height - (40 / 50)) < 0.05, (width, height)
