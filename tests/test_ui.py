@@ -48,7 +48,7 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def test_gradio_client_gets_a_report_and_a_box(page_services):
+def test_gradio_client_gets_a_report_and_a_box(page_services, tmp_path):
     from gradio_client import Client, handle_file
 
     api_report = post(f"{page_services}/mrg", {"scenario": "single_image", "images": [b64(IMAGE)]})
@@ -69,8 +69,10 @@ def test_gradio_client_gets_a_report_and_a_box(page_services):
     assert Path(picture).stat().st_size > 0
 
     # a bad upload: the route's own message, raised to the client
+    not_an_image = tmp_path / "scan.png"
+    not_an_image.write_text("not an image")
     with pytest.raises(Exception, match=r"images\[0\]: not an image"):
-        client.predict("default", [handle_file(str(ROOT / "pyproject.toml"))], None, "", "single_image", True,
+        client.predict("default", [handle_file(str(not_an_image))], None, "", "single_image", True,
                        api_name="/report")
 
 
@@ -128,6 +130,7 @@ def test_page_in_a_real_browser(page_services, tmp_path):
         expect(page.locator("#box-answer textarea")).not_to_have_value("", timeout=60_000)
 
         # a DICOM: its pixels are shown and reported on, its patient tags nowhere
+        page.get_by_role("tab", name="Report").click()
         page.locator("#study-files button[aria-label='Clear']").first.click()
         page.locator("#study-files input[type=file]").set_input_files(str(dicom))
         expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
