@@ -2,13 +2,15 @@
 
 1. samples/s of the Ray Data pipeline (draw -> load, resize, normalise, tokenise on CPU actors)
    against a plain single-process loop doing the same work, and against image decoding alone;
-2. the share of non-padding tokens with and without length grouping, on the paper's mixture of
-   sequence lengths (Table 10 weights; 361 visual tokens per image);
+2. the share of non-padding tokens with and without length grouping and with packing
+   (data.packing: rows of up to train.max_seq_len tokens), on the paper's mixture of sequence
+   lengths (Table 10 weights; 361 visual tokens per image); and the samples/s of the Ray Data
+   path with the Train worker's collate (step_batches), length-grouped and packed;
 3. the quickstart's peak memory (all its processes together).
 
-    python benchmarks/data_pipeline.py [--samples 1500] [--skip-quickstart]
+    python benchmarks/data_pipeline.py [--samples 1500] [--skip-quickstart] [--out FILE]
 
-Writes benchmarks/results/data_pipeline.json and prints a Markdown table for RESULTS.md.
+Writes benchmarks/results/data_pipeline.json (or --out) and prints a Markdown table for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def make_corpus(tmp: Path):
 def throughput(exp, tok_dir, n: int) -> dict:
     import ray
 
-    from m4cxr.data.pipeline import PrepareSamples, draw_rows, pair_rows, prepare_args, stage_mixture, train_stream
+    from m4cxr.data.pipeline import (
+        PrepareSamples, draw_rows, pair_rows, prepare_args, stage_mixture, step_batches, train_stream,
+    )
     from m4cxr.data.schema import ImageStore
 
     corpus = exp.data.corpus_dir
@@ -90,18 +94,42 @@ def throughput(exp, tok_dir, n: int) -> dict:
             continue
         seen += len(batch["position"])
     pipeline = seen / (time.perf_counter() - t0)
+    start_s = t0 - t_start
+
+    # the same, read one worker step at a time and collated into micro-batches as the Train
+    # worker does (data.packing off: length-grouped; on: packed rows of train.max_seq_len)
+    def collated(pack_to: int) -> float:
+        seen, t0 = 0, None
+        for rows in train_stream(exp, "instruction", corpus, tok_dir, tpi, np.arange(n)).iter_batches(
+                batch_size=step_rows, batch_format="numpy", prefetch_batches=2):
+            step_batches(rows, exp.train.micro_batch_size, 0, exp.data.image_size, exp.model.image_mean,
+                         exp.model.image_std, True, pack_to)
+            if t0 is None:
+                t0 = time.perf_counter()
+                continue
+            seen += len(rows["position"])
+        return seen / (time.perf_counter() - t0)
+
+    step_rows = 32
+    grouped = collated(0)
+    packed = collated(exp.train.max_seq_len)
     ray.shutdown()
     return {"samples": n, "decode_only_per_s": round(decode, 1), "single_process_loop_per_s": round(loop, 1),
-            "ray_data_per_s": round(pipeline, 1), "ray_start_s": round(t0 - t_start, 1),
-            "ray_vs_loop": round(pipeline / loop, 2), "ray_vs_decode_only": round(pipeline / decode, 2)}
+            "ray_data_per_s": round(pipeline, 1), "ray_start_s": round(start_s, 1),
+            "ray_vs_loop": round(pipeline / loop, 2), "ray_vs_decode_only": round(pipeline / decode, 2),
+            "worker_step_rows": step_rows, "ray_data_collated_grouped_per_s": round(grouped, 1),
+            "ray_data_collated_packed_per_s": round(packed, 1)}
 
 
 def padding(exp, tok_dir, steps: int = 200, per_worker_step: int = 32, micro: int = 4) -> dict:
     """Non-padding share on the paper's mixture: Table 10 probabilities, 361 tokens per image,
-    text lengths and image counts of each task taken from the synthetic corpus."""
+    text lengths and image counts of each task taken from the synthetic corpus. Packed: the
+    step's samples in rows of up to the paper's train.max_seq_len tokens as the Train worker
+    packs them, micro-batches of `micro` rows or of one row."""
     from transformers import AutoTokenizer
 
     from m4cxr.config import load_experiment
+    from m4cxr.data.pipeline import pack_micro_batches
     from m4cxr.data.mixture import build_mixture
     from m4cxr.data.schema import read_samples
 
@@ -110,7 +138,9 @@ def padding(exp, tok_dir, steps: int = 200, per_worker_step: int = 32, micro: in
     for s in read_samples(exp.data.corpus_dir, "train"):
         text = sum(len(tok(t["content"], add_special_tokens=False)["input_ids"]) for t in s.turns)
         by_task.setdefault(s.task, []).append((text, len(s.images)))
-    paper = build_mixture(load_experiment(ROOT / "experiments/m4cxr.yaml").data.mixture)
+    paper_exp = load_experiment(ROOT / "experiments/m4cxr.yaml")
+    paper = build_mixture(paper_exp.data.mixture)
+    max_seq_len = paper_exp.train.max_seq_len
     rng = np.random.default_rng(0)
     pairs, _ = paper.draw(steps * per_worker_step)
     lengths = []
@@ -128,9 +158,25 @@ def padding(exp, tok_dir, steps: int = 200, per_worker_step: int = 32, micro: in
                 padded += mb.max() * len(mb)
         return real / padded
 
+    def packed(rows_per_micro: int) -> tuple[float, float, float]:
+        """Non-padding share, rows per step, and how full the rows are (of max_seq_len)."""
+        real = padded = rows = 0
+        for step in lengths:
+            for mb in pack_micro_batches(step.tolist(), max_seq_len, rows_per_micro):
+                row_lengths = [int(step[r].sum()) for r in mb]
+                real += sum(row_lengths)
+                padded += max(row_lengths) * len(row_lengths)
+                rows += len(row_lengths)
+        return real / padded, rows / len(lengths), real / (rows * max_seq_len)
+
+    share_micro, rows_per_step, fill = packed(micro)
+    share_one, _, _ = packed(1)
     return {"per_worker_step": per_worker_step, "micro_batch": micro, "mean_len": float(lengths.mean()),
             "max_len": int(lengths.max()), "nonpad_share_grouped": round(share(True), 4),
-            "nonpad_share_random": round(share(False), 4)}
+            "nonpad_share_random": round(share(False), 4), "max_seq_len": max_seq_len,
+            "nonpad_share_packed": round(share_micro, 4), "nonpad_share_packed_one_row": round(share_one, 4),
+            "packed_rows_per_step": round(rows_per_step, 2), "packed_row_fill": round(fill, 4),
+            "grouped_micro_batches_per_step": per_worker_step // micro}
 
 
 def quickstart_peak_memory(tmp: Path) -> dict:
@@ -170,6 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=12000)
     parser.add_argument("--skip-quickstart", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/data_pipeline.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -179,7 +226,7 @@ def main() -> None:
                   "padding": padding(exp, tok_dir)}
         if not args.skip_quickstart:
             result["quickstart"] = quickstart_peak_memory(tmp)
-    out = ROOT / "benchmarks/results/data_pipeline.json"
+    out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     t, p = result["throughput"], result["padding"]
@@ -189,8 +236,14 @@ def main() -> None:
           f"| single-process loop (same work) | {t['single_process_loop_per_s']} samples/s |\n"
           f"| Ray Data pipeline | {t['ray_data_per_s']} samples/s ({t['ray_vs_loop']}x the loop, "
           f"{t['ray_vs_decode_only']:.0%} of decode-only) |\n"
+          f"| Ray Data pipeline + worker collate, length-grouped | {t['ray_data_collated_grouped_per_s']} samples/s |\n"
+          f"| Ray Data pipeline + worker collate, packed | {t['ray_data_collated_packed_per_s']} samples/s |\n"
           f"| non-padding tokens, length grouping | {p['nonpad_share_grouped']:.1%} |\n"
-          f"| non-padding tokens, random micro-batches | {p['nonpad_share_random']:.1%} |")
+          f"| non-padding tokens, random micro-batches | {p['nonpad_share_random']:.1%} |\n"
+          f"| non-padding tokens, packed ({p['micro_batch']} rows / 1 row per micro-batch) | "
+          f"{p['nonpad_share_packed']:.1%} / {p['nonpad_share_packed_one_row']:.1%} |\n"
+          f"| packed rows per step, fill of {p['max_seq_len']} tokens | {p['packed_rows_per_step']}, "
+          f"{p['packed_row_fill']:.1%} |")
     if "quickstart" in result:
         print(f"| quickstart peak memory (all processes) | {result['quickstart']['peak_rss_gib']} GiB |")
 

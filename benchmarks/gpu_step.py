@@ -3,11 +3,15 @@
 Random weights from the published architecture numbers (no download), bf16, flash-attention 2
 when flash-attn is installed and sdpa otherwise. Times stage-2 steps (encoder, projector and
 LoRA trainable) at the paper's sequence lengths: 1, 2, 5 and 10 images of 361 visual tokens plus
-text, and prints tokens/s and MFU. Also checks that batched greedy generation equals one-by-one
+text, and prints tokens/s and MFU. With --packing, a micro-batch is --batch packed rows of up to
+--row-tokens tokens (data.packing), each holding as many samples of the shape as fit, each
+sample attending only to itself. Also checks that batched greedy generation equals one-by-one
 generation in bf16. Writes a JSON result with --out.
 
     python benchmarks/gpu_step.py --out benchmarks/gpu_step.json          # on a GPU machine
+    python benchmarks/gpu_step.py --packing --batch 1,2 --out benchmarks/gpu_step_packed.json
     python benchmarks/gpu_step.py --tiny                                   # a CPU smoke run
+    python benchmarks/gpu_step.py --tiny --packing --images 1,2 --batch 1
 
 Needs torch, transformers, peft (not Ray). Not part of the tests.
 """
@@ -24,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 import torch  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from m4cxr.config import experiment_from_dict  # noqa: E402
+from m4cxr.data.pipeline import packed_batch  # noqa: E402
 from m4cxr.model.m4cxr import build_model, flash_attn_available  # noqa: E402
 from m4cxr.model.summary import published_architectures  # noqa: E402
 from m4cxr.model.tokenizer import train_tiny_tokenizer  # noqa: E402
@@ -56,6 +63,8 @@ def main() -> None:
     parser.add_argument("--images", default="1,2,5,10")
     parser.add_argument("--batch", default="1,4", help="micro-batch sizes (the larger ones up to 4 images)")
     parser.add_argument("--text-tokens", type=int, default=300, help="text tokens per sample besides images")
+    parser.add_argument("--packing", action="store_true", help="packed rows (data.packing) instead of one sample a row")
+    parser.add_argument("--row-tokens", type=int, default=4096, help="the length of a packed row")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out")
@@ -89,14 +98,24 @@ def main() -> None:
 
     results = []
     shapes = [(n, b) for n in (int(x) for x in args.images.split(",")) for b in (int(x) for x in args.batch.split(","))
-              if b == 1 or n * b <= 8]
+              if b == 1 or n * b <= 8 or args.packing]
     for n_images, bsz in shapes:
         seq = n_images * per_image + args.text_tokens
-        ids = torch.randint(10, cfg.vocab_size - 1, (bsz, seq), device=device)
+        # packed: `bsz` rows of as many samples as fit in --row-tokens; otherwise one sample a row
+        per_row = max(1, args.row_tokens // seq) if args.packing else 1
+        ids = torch.randint(10, cfg.vocab_size - 1, (bsz * per_row, seq))
         ids[:, 5:5 + n_images * per_image] = model.image_token_id
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                 "pixel_values": torch.randn(bsz * n_images, 3, model.image_size, model.image_size, device=device)}
-        batch["labels"][:, : seq - args.text_tokens // 2] = -100  # loss on the answer part
+        labels = ids.clone()
+        labels[:, : seq - args.text_tokens // 2] = -100  # loss on the answer part
+        pixels = torch.randn(bsz * per_row * n_images, 3, model.image_size, model.image_size, device=device)
+        if args.packing:
+            samples = [(ids[i].numpy().astype(np.int32), labels[i].numpy().astype(np.int32)) for i in range(len(ids))]
+            packed = packed_batch([samples[r * per_row:(r + 1) * per_row] for r in range(bsz)], tok.pad_token_id)
+            batch = {"input_ids": packed["input_ids"].to(device), "position_ids": packed["position_ids"].to(device),
+                     "labels": packed["labels"].to(device), "pixel_values": pixels}
+        else:
+            batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device),
+                     "labels": labels.to(device), "pixel_values": pixels}
         try:
             for i in range(args.warmup + args.steps):
                 if i == args.warmup:
@@ -113,7 +132,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             step_s = (time.time() - t0) / args.steps
         except torch.OutOfMemoryError as err:
-            results.append({"images": n_images, "batch": bsz, "seq_len": seq, "error": f"out of memory: {str(err)[:120]}"})
+            results.append({"images": n_images, "batch": bsz, "seq_len": seq, "packed_per_row": per_row,
+                            "error": f"out of memory: {str(err)[:120]}"})
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             print(f"{n_images} image(s), {seq} tokens: out of memory", flush=True)
@@ -121,10 +141,14 @@ def main() -> None:
         # FLOPs: the frozen LLM needs forward (2N) and activation gradients (2N) per token plus
         # LoRA's small weight gradients; attention 4 * layers * seq * hidden per token forward,
         # doubled for backward; encoder and projector train fully (6N per token / per image).
+        # (packed rows: each sample's own attention only, the useful work)
         attn = 4 * cfg.num_hidden_layers * seq * cfg.hidden_size * 3
-        flops = bsz * (seq * (4 * n_llm + attn) + n_images * (6 * n_vision * enc_tokens + 6 * n_proj * per_image))
-        row = {"images": n_images, "batch": bsz, "seq_len": seq, "step_s": round(step_s, 4),
-               "tokens_per_s": round(bsz * seq / step_s, 1), "tflops": round(flops / step_s / 1e12, 1),
+        samples = bsz * per_row
+        flops = samples * (seq * (4 * n_llm + attn) + n_images * (6 * n_vision * enc_tokens + 6 * n_proj * per_image))
+        row = {"images": n_images, "batch": bsz, "seq_len": seq, "packed_per_row": per_row,
+               "row_len": int(batch["input_ids"].shape[1]), "step_s": round(step_s, 4),
+               "tokens_per_s": round(samples * seq / step_s, 1), "samples_per_s": round(samples / step_s, 2),
+               "tflops": round(flops / step_s / 1e12, 1),
                "mfu": round(flops / step_s / peak, 3) if peak else None,
                "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if on_gpu else None}
         results.append(row)
@@ -156,6 +180,7 @@ def main() -> None:
            "flash_attn_installed": flash_attn_available(), "dtype": "bf16" if on_gpu else "fp32",
            "params": {"llm": n_llm, "vision": n_vision, "projector": n_proj}, "trainable": counts,
            "build_s": round(build_s, 1), "steps": results, "generation_check": check, "tiny": args.tiny,
+           "packing": args.packing, "row_tokens": args.row_tokens if args.packing else None,
            "date": time.strftime("%Y-%m-%d")}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))

@@ -5,7 +5,8 @@
     -> images loaded, resized, normalised;         map_batches(PrepareSamples) on CPU actors
        conversation tokenised, images expanded
     -> read in order in the Train worker that built it (iter_batches, one step's rows at a time)
-    -> each optimizer step's rows sorted by length into micro-batches (step_batches)
+    -> each optimizer step's rows sorted by length into micro-batches, or packed into rows of
+       up to train.max_seq_len tokens with data.packing (step_batches)
 
 Step s of a run trains stream positions [s*G, (s+1)*G) (G the global batch), worker r of W the
 r-th slice of them. Each worker builds its own stream from the step of the checkpoint it
@@ -33,7 +34,7 @@ from m4cxr.data.schema import ImageStore, samples_path
 from m4cxr.data.stats import pair_counts
 from m4cxr.data.templates import single_turn_report_conversation
 from m4cxr.model.m4cxr import pad_batch
-from m4cxr.model.tokenizer import encode_conversation, load_tokenizer
+from m4cxr.model.tokenizer import IGNORE, encode_conversation, load_tokenizer
 from m4cxr.model.vision import image_array, normalise
 
 PRETRAIN_TASKS = ("single_image",)  # stage 1 trains on image-report pairs without instructions
@@ -205,25 +206,113 @@ def validation_set(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: 
 
 
 def step_batches(rows: dict[str, np.ndarray], micro_batch: int, pad_id: int, image_size: int,
-                 image_mean: list, image_std: list, group_by_length: bool = True) -> tuple[list[dict], dict]:
-    """One optimizer step's rows -> padded micro-batches (sorted by length when grouping), and
-    counts: real and padded tokens, errors with their sample ids."""
+                 image_mean: list, image_std: list, group_by_length: bool = True,
+                 pack_to: int = 0) -> tuple[list[dict], dict]:
+    """One optimizer step's rows -> micro-batches, and counts: real and padded tokens, errors with
+    their sample ids. Without pack_to: `micro_batch` samples each, padded (sorted by length when
+    grouping). With pack_to: the samples packed into rows of up to pack_to tokens, `micro_batch`
+    rows each (pack_micro_batches, packed_batch)."""
 
     ok = [i for i, e in enumerate(rows["error"]) if not e]
     errors = [f"{rows['sample_id'][i]}: {rows['error'][i]}" for i, e in enumerate(rows["error"]) if e]
     ids_of = {i: np.frombuffer(rows["input_ids"][i], np.int32) for i in ok}
-    if group_by_length:
-        ok.sort(key=lambda i: len(ids_of[i]))
+    labels_of = {i: np.frombuffer(rows["labels"][i], np.int32) for i in ok}
+    gray_of = {i: np.frombuffer(rows["pixels"][i], np.uint8).reshape(-1, image_size, image_size) for i in ok}
+    if pack_to:
+        groups = [[[ok[j] for j in row] for row in group]
+                  for group in pack_micro_batches([len(ids_of[i]) for i in ok], pack_to, micro_batch)]
+    else:
+        if group_by_length:
+            ok.sort(key=lambda i: len(ids_of[i]))
+        groups = [ok[at:at + micro_batch] for at in range(0, len(ok), micro_batch)]
     batches, real, padded = [], 0, 0
-    for start in range(0, len(ok), micro_batch):
-        idx = ok[start:start + micro_batch]
-        ids = [ids_of[i].tolist() for i in idx]
-        batch = pad_batch(ids, [np.frombuffer(rows["labels"][i], np.int32).tolist() for i in idx], pad_id)
-        gray = [np.frombuffer(rows["pixels"][i], np.uint8).reshape(-1, image_size, image_size) for i in idx]
-        gray = np.concatenate(gray) if gray else np.zeros((0, image_size, image_size), np.uint8)
+    for group in groups:
+        if pack_to:
+            batch = packed_batch([[(ids_of[i], labels_of[i]) for i in row] for row in group], pad_id)
+            idx = [i for row in group for i in row]  # sample order: row by row, left to right
+        else:
+            idx = group
+            batch = pad_batch([ids_of[i].tolist() for i in idx], [labels_of[i].tolist() for i in idx], pad_id)
+        # images in the order of their tokens, row-major: what M4CXR.embed expects
+        gray = np.concatenate([gray_of[i] for i in idx]) if idx else np.zeros((0, image_size, image_size), np.uint8)
         batch["pixel_values"] = normalise(torch.from_numpy(gray.copy()), image_mean, image_std) if len(gray) else None
         batch["task_type"] = [rows["task_type"][i] for i in idx]
-        real += sum(len(x) for x in ids)
+        batch["sample_id"] = [rows["sample_id"][i] for i in idx]
+        real += sum(len(ids_of[i]) for i in idx)
         padded += batch["input_ids"].numel()
         batches.append(batch)
     return batches, {"tokens": real, "padded_tokens": padded, "errors": errors, "rows": len(rows["error"])}
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths`, longest first, each into the first row with
+    room for it. Rows come longest first, so micro-batches of consecutive rows pad little."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in stream order
+        if lengths[i] > capacity:
+            raise ValueError(f"a sample of {lengths[i]} tokens does not fit a packed row of {capacity}")
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    order = sorted(range(len(rows)), key=lambda r: room[r])
+    return [rows[r] for r in order]
+
+
+def balance_rows(lengths: list[int], n_rows: int, capacity: int) -> list[list[int]] | None:
+    """The indices of `lengths` in at most n_rows rows, as even as first-fit decreasing gets them:
+    at the narrowest width up to `capacity` at which they fit (None if none)."""
+    lo, hi, best = max(max(lengths), -(-sum(lengths) // n_rows)), capacity, None
+    while lo <= hi:
+        width = (lo + hi) // 2
+        rows = pack_rows(lengths, width)
+        if len(rows) <= n_rows:
+            best, hi = rows, width - 1
+        else:
+            lo = width + 1
+    return best
+
+
+def pack_micro_batches(lengths: list[int], capacity: int, rows_per_micro: int) -> list[list[list[int]]]:
+    """A step's samples (their lengths) -> micro-batches of packed rows of up to `capacity`
+    tokens: first-fit decreasing over the step, then each micro-batch's samples spread evenly
+    over its rows, since a micro-batch pads its rows to the longest one."""
+    rows = pack_rows(lengths, capacity)
+    batches = []
+    for at in range(0, len(rows), rows_per_micro):
+        group = rows[at:at + rows_per_micro]
+        members = [i for row in group for i in row]
+        even = balance_rows([lengths[i] for i in members], len(group), capacity)
+        batches.append([[members[j] for j in row] for row in even] if even else group)
+    return batches
+
+
+def packed_batch(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int) -> dict:
+    """Packed rows of (input_ids, labels) samples -> a micro-batch: position_ids restart at 0 for
+    every sample and for a row's padding (so no attention mask: M4CXR.forward), sample_index
+    gives each position's sample (in row-major order; -1 on padding) to attribute its loss."""
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    sample_index = torch.full((len(rows), width), -1, dtype=torch.long)
+    k = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for ids, lab in row:
+            n = len(ids)
+            input_ids[r, at:at + n] = torch.from_numpy(ids.astype(np.int64))
+            # a sample's first label is never a target: the previous sample's last token must
+            # not learn to predict it (encode_conversation masks the BOS anyway)
+            labels[r, at + 1:at + n] = torch.from_numpy(lab[1:].astype(np.int64))
+            position_ids[r, at:at + n] = torch.arange(n)
+            sample_index[r, at:at + n] = k
+            at += n
+            k += 1
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "labels": labels,
+            "sample_index": sample_index}

@@ -151,9 +151,21 @@ class M4CXR(nn.Module):
         # which is the order of the images in `pixels`
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
-    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None):
+        """Padded rows (attention_mask), or packed rows (position_ids restarting at 0 for each
+        sample and for a row's padding; no attention_mask): each packed sample attends only to
+        itself, with the positions it has alone."""
         embeds = self.embed(input_ids, pixel_values)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        if position_ids is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        if attention_mask is not None:
+            # transformers derives the per-sample causal mask from position_ids only without one
+            raise ValueError("packed rows take position_ids and no attention_mask")
+        position_ids = position_ids.to(embeds.device)
+        # no cache either: with one (transformers makes one unless told not to, also in training)
+        # the mask ignores the restarts and every sample would see the ones before it in its row
+        return self.llm(inputs_embeds=embeds, position_ids=position_ids, labels=labels, use_cache=False,
+                        **packed_attention_kwargs(position_ids))
 
     # -- data
 
@@ -266,6 +278,17 @@ def pad_batch(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad
         label_t[i, sl] = torch.tensor(y)
         mask[i, sl] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+def packed_attention_kwargs(position_ids: torch.Tensor) -> dict:
+    """flash-attention's variable-length arguments for packed rows: the rows laid end to end, a
+    sequence starting at every position 0. sdpa and eager ignore them: transformers builds the
+    same block-diagonal causal mask from position_ids when there is no attention mask."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().flatten()
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def build_model(exp: Experiment, tokenizer: PreTrainedTokenizerBase, on_gpu: bool = False, dtype=None) -> M4CXR:

@@ -2,7 +2,9 @@
 
 AdamW (betas, eps, weight decay from the config), linear warm-up then cosine decay over
 max_steps, gradient clipping, gradient accumulation (micro batch x workers x accumulation =
-global batch), bf16 autocast on GPU, optional DeepSpeed. The loss is logged per task type. A
+global batch), bf16 autocast on GPU, optional DeepSpeed. A step's loss is the mean over all
+its next-token targets, the same whether its samples are padded or packed (data.packing); it is
+logged per task type, each packed sample's targets counted for its own task. A
 checkpoint every `train.checkpoint_every` steps goes through ray.train.report; a restarted
 worker resumes from ray.train.get_checkpoint() with model, optimiser, scheduler and step, and
 builds its slice of the mixture stream from that step (data/pipeline.py): whatever checkpoint
@@ -51,14 +53,30 @@ def warmup_cosine(warmup: int, max_steps: int):
     return factor
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample summed cross-entropy of the next-token targets, and the number of targets."""
+def token_losses(logits: torch.Tensor, labels: torch.Tensor,
+                 sample_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed cross-entropy of the next-token targets, and the number of targets. A
+    padded batch has one sample per row; a packed one says each position's sample (sample_index,
+    -1 on padding), and each target counts for the sample it belongs to."""
     shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, 1:].to(shift_logits.device)
     ce = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none",
     ).view(shift_labels.shape)
-    return ce.sum(1), (shift_labels != -100).sum(1)
+    targets = shift_labels != -100
+    if sample_index is None:
+        return ce.sum(1), targets.sum(1)
+    owner = sample_index[:, 1:].to(ce.device)[targets]
+    n_samples = int(sample_index.max()) + 1
+    loss = ce.new_zeros(n_samples).index_add(0, owner, ce[targets])
+    return loss, torch.bincount(owner, minlength=n_samples)
+
+
+def step_targets(batches: list[dict]) -> int:
+    """The next-token targets of a step's micro-batches. Each micro-batch's summed loss is divided
+    by this, so a step's gradient is that of the mean over all its targets, whether its samples
+    are padded or packed and however they fall into micro-batches."""
+    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -101,6 +119,10 @@ def train_loop_per_worker(config: dict) -> None:
           f"(node rank {ctx.get_node_rank()})", flush=True)
 
     micro = exp.train.micro_batch_size
+    if exp.data.packing and exp.train.deepspeed:
+        # DeepSpeed steps the optimizer every `accumulation` micro-batches; a packed step has as
+        # many micro-batches as its samples fill
+        raise ValueError("data.packing does not work with train.deepspeed; set one of them off")
     if stage.global_batch_size % (micro * world):
         raise ValueError(f"train.{stage_name}.global_batch_size {stage.global_batch_size} is not a multiple of "
                          f"train.micro_batch_size {micro} x {world} workers")
@@ -167,19 +189,23 @@ def train_loop_per_worker(config: dict) -> None:
                                               parallel_strategy_kwargs={"find_unused_parameters": True})
 
     def forward(batch):
+        def on_device(key):  # a packed batch has no attention_mask, a padded one no position_ids
+            return None if batch.get(key) is None else batch[key].to(device)
+
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and exp.train.precision == "bf16"):
-            out = (engine or model)(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                    pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device))
-        return token_losses(out.logits, batch["labels"].to(device))
+            out = (engine or model)(input_ids=on_device("input_ids"), attention_mask=on_device("attention_mask"),
+                                    position_ids=on_device("position_ids"), pixel_values=on_device("pixel_values"))
+        return token_losses(out.logits, batch["labels"].to(device), on_device("sample_index"))
 
     pad_id = core.tokenizer.pad_token_id
+    pack_to = exp.train.max_seq_len if exp.data.packing else 0
     val_batches: list[dict] = []
 
     def validate() -> float:
         if not val_batches:  # read when first needed: a restarted worker may not validate until the end
             for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=micro * 4, batch_format="numpy"):
                 batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.model.image_mean,
-                                              exp.model.image_std)
+                                              exp.model.image_std, pack_to=pack_to)
                 for e in stats["errors"]:
                     say(f"validation sample skipped: {e}")
                 val_batches.extend(batches)
@@ -218,7 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"worker {rank}: step {step + 1} got stream positions {rows['position'][:4].tolist()}..., "
                                f"expected {expected[:4].tolist()}...")
         batches, stats = step_batches(rows, micro, pad_id, exp.data.image_size, exp.model.image_mean,
-                                      exp.model.image_std, exp.data.length_grouping)
+                                      exp.model.image_std, exp.data.length_grouping, pack_to)
         rows_seen += stats["rows"]
         errors_seen += len(stats["errors"])
         for e in stats["errors"]:
@@ -228,17 +254,18 @@ def train_loop_per_worker(config: dict) -> None:
         tokens_padded += stats["padded_tokens"]
         by_type: dict[str, list[float]] = {}
         step_loss_sum, step_tokens = 0.0, 0
+        targets = max(1, step_targets(batches))
         for k, batch in enumerate(batches):
             loss_sum, n = forward(batch)
-            loss = loss_sum.sum() / n.sum().clamp(min=1)
+            loss = loss_sum.sum() / targets  # the step's loss is the mean over all its targets
             if engine is not None:
-                engine.backward(loss)
+                engine.backward(loss * accum)  # DeepSpeed divides each micro-batch's loss by accum
                 engine.step()
             else:
                 # DDP: all-reduce the gradients once per step, on the last micro-batch
                 defer = world > 1 and k < len(batches) - 1
                 with model.no_sync() if defer else contextlib.nullcontext():
-                    (loss / len(batches)).backward()
+                    loss.backward()
             step_loss_sum += float(loss_sum.sum())
             step_tokens += int(n.sum())
             for t, ls, nn_ in zip(batch["task_type"], loss_sum.tolist(), n.tolist()):
