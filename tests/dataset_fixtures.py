@@ -167,12 +167,7 @@ def mimic_cxr(root: Path, leak: bool = False) -> Path:
     # malformed: a StudyDate that is not a date
     meta.append([dicom_id(21), "10000003", "50000023", "CHEST", "PA", 80, 64, "not-a-date", "1.0", "", "", ""])
     split_rows.append([dicom_id(21), "50000023", "10000003", "validate"])
-    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz",
-              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
-               "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-               "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"], meta, gz=True)
-    write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split_rows,
-              gz=True)
+    write_mimic_tables(root, meta, split_rows)
     label_rows = []
     for subject, studies in MIMIC_STUDIES.items():
         for study, *_ in studies:
@@ -180,6 +175,16 @@ def mimic_cxr(root: Path, leak: bool = False) -> Path:
                 label_rows.append([subject, study] + [MIMIC_LABELS[study].get(n, "") for n in CHEXPERT_14])
     write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id"] + CHEXPERT_14, label_rows, gz=True)
     return root
+
+
+def write_mimic_tables(root: Path, meta: list, split_rows: list) -> None:
+    """MIMIC-CXR-JPG's metadata and split tables."""
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz",
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+               "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+               "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"], meta, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split_rows,
+              gz=True)
 
 
 def ms_cxr(root: Path, leak: bool = False) -> Path:
@@ -530,3 +535,56 @@ def all_sources(root: Path, leak: bool = False) -> dict[str, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         sources[name] = build(folder)
     return sources
+
+
+# ----------------------------------------------------------------------------- MIMIC-CXR at scale
+
+SCALE_SENTENCES = (
+    "Heart size is normal.", "The cardiomediastinal silhouette is within normal limits.",
+    "There is a small left pleural effusion.", "No pneumothorax is seen.", "Mild pulmonary edema.",
+    "Right basilar atelectasis.", "The lungs are clear without focal consolidation.",
+    "Moderate cardiomegaly is stable.", "A right internal jugular catheter ends in the low SVC.",
+    "There is no pleural effusion.", "Bibasilar opacities may reflect atelectasis or pneumonia.",
+    "Osseous structures are unremarkable.",
+)
+
+
+def mimic_cxr_at_scale(root: Path, studies: int, seed: int = 0, image_size=(16, 20)) -> Path:
+    """A MIMIC-CXR-JPG folder of `studies` studies in the official layout, for scale measurements:
+    1 to 5 studies per patient in time order, 1 to 4 images a study (about 1.7, as MIMIC-CXR's
+    377,110 images of 227,835 studies), reports with FINDINGS of 2 to 6 sentences (one in five
+    without), labels for most studies, patients split 98 / 1 / 1 and one tiny JPEG copied to
+    every image path."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(picture(image_size, seed)).save(buffer, format="JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    meta, split_rows, label_rows = [], [], []
+    made, subject, image = 0, 10000000, 0
+    while made < studies:
+        subject += 1
+        split = str(rng.choice(["train", "validate", "test"], p=[0.98, 0.01, 0.01]))
+        folder = root / "files" / f"p{str(subject)[:2]}" / f"p{subject}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for visit in range(min(int(rng.integers(1, 6)), studies - made)):
+            made += 1
+            study = str(50000000 + made)
+            sentences = rng.choice(len(SCALE_SENTENCES), size=int(rng.integers(2, 7)), replace=False)
+            findings = " ".join(SCALE_SENTENCES[i] for i in sentences) if rng.random() >= 0.2 else None
+            (folder / f"s{study}.txt").write_text(report_text(findings))
+            (folder / f"s{study}").mkdir(exist_ok=True)
+            views = ["PA", "LATERAL", "AP", "LL"][:int(rng.choice([1, 2, 3, 4], p=[0.42, 0.5, 0.05, 0.03]))]
+            for view in views:
+                image += 1
+                (folder / f"s{study}" / f"{dicom_id(image)}.jpg").write_bytes(jpeg)
+                meta.append([dicom_id(image), subject, study, "CHEST (PA AND LAT)", view, image_size[1],
+                             image_size[0], 21800101 + visit * 100, f"{80000 + image % 1000}.0", "CHEST", "", "Erect"])
+                split_rows.append([dicom_id(image), study, subject, split])
+            if rng.random() < 0.95:
+                label_rows.append([subject, study] + [str(rng.choice(["1.0", "0.0", "-1.0", ""]))
+                                                      for _ in CHEXPERT_14])
+    write_mimic_tables(root, meta, split_rows)
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id"] + CHEXPERT_14, label_rows, gz=True)
+    return root

@@ -135,6 +135,48 @@ def test_planted_leaks_fail_loudly(ray_local, tmp_path, capsys):
     assert main(prepare_args(sources, tmp_path / "corpus2") + ["--allow-leakage"]) == 0
 
 
+def test_adapters_spool_their_samples_in_chunks_instead_of_holding_them(tmp_path):
+    """With a spool, no collector keeps its samples: each dataset's are on disk in row groups of at
+    most `chunk_rows`, all of them, in the order they were made."""
+    from m4cxr.config import DataConfig
+    from m4cxr.data.prepare import run_adapters
+
+    sources = F.all_sources(tmp_path / "datasets")
+    kept = {c.dataset: c for c in run_adapters(sources, DataConfig(image_size=SIZE), progress=False)}
+    spooled = run_adapters(sources, DataConfig(image_size=SIZE), progress=False, spool=tmp_path / "spool", chunk_rows=4)
+    for c in spooled:
+        assert c.samples == [] and c.added == len(kept[c.dataset].samples) > 0, c.dataset
+        spool = pq.ParquetFile(tmp_path / "spool" / f"{c.dataset}.parquet")
+        sizes = [spool.metadata.row_group(n).num_rows for n in range(spool.num_row_groups)]
+        assert max(sizes) <= 4 and sum(sizes) == c.added, (c.dataset, sizes)
+        assert spool.read().column("sample_id").to_pylist() == [s.sample_id for s in kept[c.dataset].samples]
+    mimic = pq.ParquetFile(tmp_path / "spool" / "mimic_cxr.parquet")
+    assert mimic.num_row_groups == 7  # its 26 samples
+
+
+def test_a_small_chunk_size_writes_the_same_corpus_in_more_row_groups(prepared, tmp_path):
+    from m4cxr.config import load_experiment
+    from m4cxr.data.prepare import prepare
+
+    _, corpus, manifest = prepared
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "experiments/quickstart.yaml",
+                          [f"data.image_size={SIZE}"])
+    chunked = prepare(exp, F.all_sources(tmp_path / "datasets"), tmp_path / "corpus", progress=False, chunk_rows=4)
+    for split in ("train", "validate", "test"):
+        whole, parts = (pq.ParquetFile(c / "samples" / f"{split}.parquet") for c in (corpus, tmp_path / "corpus"))
+        assert whole.num_row_groups == 1
+        sizes = [parts.metadata.row_group(n).num_rows for n in range(parts.num_row_groups)]
+        assert max(sizes) <= 4 and len(sizes) >= whole.metadata.num_rows / 4, (split, sizes)
+        assert parts.read().equals(whole.read()), split  # the same rows in the same order
+    assert pq.read_table(tmp_path / "corpus" / "images.parquet").equals(pq.read_table(corpus / "images.parquet"))
+    assert pq.ParquetFile(tmp_path / "corpus" / "images.parquet").num_row_groups > 1
+    for key in ("counts", "excluded", "samples_lost_to_unreadable_images", "leakage", "boxes_preview", "notes"):
+        assert chunked[key] == manifest[key], key
+    assert [(i["dataset"], i["reason"]) for i in chunked["skipped"]] == \
+        [(i["dataset"], i["reason"].replace(str(corpus.parent), str(tmp_path))) for i in manifest["skipped"]]
+    assert not (tmp_path / "corpus" / ".prepare-spool").exists()
+
+
 def test_bad_source_arguments_are_named(capsys):
     assert main(["data", "prepare", "--source", "mimic=/nowhere", "--out", "x"]) == 2
     assert "unknown dataset 'mimic'" in capsys.readouterr().err

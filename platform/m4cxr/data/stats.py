@@ -1,18 +1,31 @@
 """Counts of a corpus and its leakage checks: no patient in two splits, and no MS-CXR test image
-in any training sample (the phrase-grounding test set must be unseen)."""
+in any training sample (the phrase-grounding test set must be unseen). Files are read a batch
+of rows at a time."""
 
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from m4cxr.data.schema import samples_path
 
 MS_CXR = "ms_cxr"
+
+
+BATCH_ROWS = 65_536  # rows read at a time: the counts do not hold a corpus's columns in memory
+
+
+def batches(path: Path, columns: list[str], where=None):
+    """One samples file's `columns` (the rows matching `where`), a batch at a time."""
+    return pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns) if where is None else \
+        ds.dataset(path).to_batches(columns=columns, filter=where, batch_size=BATCH_ROWS)
 
 
 def corpus_stats(corpus_dir: str | Path) -> dict:
@@ -25,23 +38,30 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
     pairs: dict = defaultdict(lambda: defaultdict(int))
     patients: dict = defaultdict(set)
     total = 0
-    ms_cxr_test: set[str] = set()
-    training_images: set[str] = set()
     scenarios: dict = defaultdict(lambda: defaultdict(int))
+    with_ms_cxr = []  # the files with MS-CXR samples: only there are image ids needed
     for path in files:
-        for key, split in report_scenarios(path):
-            scenarios[key][split] += 1
-        table = pq.read_table(path, columns=["task", "dataset", "split", "patient_id"])
-        for task, dataset, split, patient in zip(*(table.column(c).to_pylist() for c in table.column_names)):
-            tasks[task][split] += 1
-            datasets[dataset][split] += 1
-            pairs[f"{task}/{dataset}"][split] += 1
-            patients[split].add(patient)
-            total += 1
-        if pc.any(pc.equal(table.column("dataset"), MS_CXR)).as_py():  # only then are image ids needed
-            ms_test, train = ms_cxr_test_and_training_images(path)
-            ms_cxr_test |= ms_test
-            training_images |= train
+        for (key, split), n in report_scenarios(path).items():
+            scenarios[key][split] += n
+        has_ms_cxr = False
+        for batch in batches(path, ["task", "dataset", "split", "patient_id"]):
+            table = pa.Table.from_batches([batch])
+            # groups in the order they first appear (use_threads=False), as a row-by-row count would add them
+            grouped = table.group_by(["task", "dataset", "split"], use_threads=False).aggregate([("task", "count")])
+            for task, dataset, split, n in zip(*(grouped.column(c).to_pylist()
+                                                 for c in ("task", "dataset", "split", "task_count"))):
+                tasks[task][split] += n
+                datasets[dataset][split] += n
+                pairs[f"{task}/{dataset}"][split] += n
+            for split, patient in zip(*(table.group_by(["split", "patient_id"], use_threads=False).aggregate([])
+                                        .column(c).to_pylist() for c in ("split", "patient_id"))):
+                patients[split].add(patient)
+            total += table.num_rows
+            has_ms_cxr = has_ms_cxr or bool(pc.any(pc.equal(table.column("dataset"), MS_CXR)).as_py())
+        if has_ms_cxr:
+            with_ms_cxr.append(path)
+    ms_cxr_test = set().union(*(ms_cxr_test_images(path) for path in with_ms_cxr))
+    leaked_images = set().union(*(training_images_among(path, ms_cxr_test) for path in with_ms_cxr))
     owners: dict = defaultdict(set)
     for split, ids in patients.items():
         for pid in ids:
@@ -58,37 +78,51 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
         "patients": {split: len(ids) for split, ids in sorted(patients.items())},
         "report_scenarios": as_dict(scenarios),
         "leakage": {"patients_in_several_splits": len(leaked), "examples": leaked[:10],
-                    "ms_cxr_test_images_in_training": len(ms_cxr_test & training_images),
-                    "ms_cxr_examples": sorted(ms_cxr_test & training_images)[:10]},
+                    "ms_cxr_test_images_in_training": len(leaked_images),
+                    "ms_cxr_examples": sorted(leaked_images)[:10]},
     }
 
 
-def report_scenarios(path: Path) -> list[tuple[str, str]]:
-    """(rule, split) of each report-generation sample of one samples file: multi-image by its
-    number of images, multi-study by whether it has the prior study (the paper's rules,
+def report_scenarios(path: Path) -> Counter:
+    """(rule, split) -> report-generation samples of one samples file: multi-image by its number
+    of images, multi-study by whether it has the prior study (the paper's rules,
     data/sources/mimic_cxr.py)."""
-    table = pq.read_table(path, columns=["task", "split", "images"],
-                          filters=[("task", "in", ["multi_image", "multi_study"])])  # only their images column
-    out = []
-    for task, split, images in zip(*(table.column(c).to_pylist() for c in ("task", "split", "images"))):
-        if task == "multi_image":
-            out.append((f"multi_image, {len(images)} image(s)", split))
-        elif task == "multi_study":
-            prior = sum(i["role"] == "prior" for i in images)
-            out.append(("multi_study, with the prior study" if prior else "multi_study, no prior study (test)", split))
+    out: Counter = Counter()
+    for batch in batches(path, ["task", "split", "images"],  # only their images column
+                         where=pc.field("task").isin(["multi_image", "multi_study"])):
+        images = batch.column("images")
+        lengths = pc.list_value_length(images).to_pylist()
+        roles = pc.struct_field(pc.list_flatten(images), "role")
+        priors = np.bincount(pc.list_parent_indices(images).to_numpy(zero_copy_only=False),
+                             weights=pc.equal(roles, "prior").to_numpy(zero_copy_only=False),
+                             minlength=batch.num_rows)
+        for task, split, length, prior in zip(batch.column("task").to_pylist(), batch.column("split").to_pylist(),
+                                              lengths, priors):
+            if task == "multi_image":
+                out[(f"multi_image, {length} image(s)", split)] += 1
+            elif task == "multi_study":
+                out[("multi_study, with the prior study" if prior else "multi_study, no prior study (test)", split)] += 1
     return out
 
 
-def ms_cxr_test_and_training_images(path: Path) -> tuple[set[str], set[str]]:
-    """The image ids of one samples file's MS-CXR test samples, and those of its training samples."""
-    table = pq.read_table(path, columns=["dataset", "split", "images"])
-    ids = pc.struct_field(pc.list_flatten(table.column("images")), "image_id")
-    parents = pc.list_parent_indices(table.column("images"))
-    dataset, split = (pc.take(table.column(c), parents) for c in ("dataset", "split"))
-    ms_test = pc.and_(pc.equal(dataset, MS_CXR), pc.equal(split, "test"))
-    train = pc.equal(split, "train")
-    as_set = lambda mask: set(pc.filter(ids, mask).to_pylist()) if len(ids) else set()  # noqa: E731
-    return as_set(ms_test), as_set(train)
+def ms_cxr_test_images(path: Path) -> set[str]:
+    """The image ids of one samples file's MS-CXR test samples."""
+    ids: set[str] = set()
+    for batch in batches(path, ["images"], where=(pc.field("dataset") == MS_CXR) & (pc.field("split") == "test")):
+        ids.update(pc.struct_field(pc.list_flatten(batch.column("images")), "image_id").to_pylist())
+    return ids
+
+
+def training_images_among(path: Path, candidates: set[str]) -> set[str]:
+    """The ids in `candidates` that one samples file's training samples use."""
+    found: set[str] = set()
+    if not candidates:
+        return found
+    value_set = pa.array(sorted(candidates), type=pa.string())
+    for batch in batches(path, ["images"], where=pc.field("split") == "train"):
+        ids = pc.struct_field(pc.list_flatten(batch.column("images")), "image_id")
+        found.update(pc.filter(ids, pc.is_in(ids, value_set=value_set)).to_pylist())
+    return found
 
 
 def report_leakage(leakage: dict) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from m4cxr.data.sources.common import (
-    Collector, chexpert_value, classification_sample, find_file, read_table,
+    Collector, chexpert_value, classification_sample, find_file, stream_table,
 )
 from m4cxr.data.templates import chexbert_labels, cot_candidates
 
@@ -19,7 +19,7 @@ DATASET = "brax"
 
 
 def read(c: Collector) -> None:
-    table = read_table(find_file(c.root, "master_spreadsheet_update.csv", "master_spreadsheet.csv"))
+    table = stream_table(find_file(c.root, "master_spreadsheet_update.csv", "master_spreadsheet.csv"))
     png, dicom = table.column("PngPath", required=False), table.column("DicomPath", required=False)
     if png is None and dicom is None:
         table.column("PngPath", "DicomPath")  # raises, naming both

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from m4cxr.data.sources.common import (
-    Collector, SourceError, classification_sample, detection_samples, find_file, read_table,
+    Collector, SourceError, classification_sample, detection_samples, find_file, stream_table,
 )
 
 DATASET = "chestx_ray14"
@@ -43,7 +43,7 @@ def read_boxes(c: Collector) -> dict[str, dict[str, list]]:
     if path is None:
         c.note("no BBox_List_2017.csv: no boxed images")
         return found
-    table = read_table(path, names=["image", "label", "x", "y", "w", "h"])
+    table = stream_table(path, names=["image", "label", "x", "y", "w", "h"])
     for row in table.rows:
         try:
             name = label_name(row["label"])
@@ -60,7 +60,7 @@ def read_boxes(c: Collector) -> dict[str, dict[str, list]]:
 
 
 def read(c: Collector) -> None:
-    entry = read_table(find_file(c.root, "Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"))
+    entry = stream_table(find_file(c.root, "Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"))
     image_col, labels_col = entry.column("Image Index"), entry.column("Finding Labels")
     patient_col = entry.column("Patient ID")
     splits, boxes = read_split_lists(c), read_boxes(c)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from m4cxr.data.sources.common import (
-    Collector, chexpert_value, classification_sample, find_file, read_table,
+    Collector, chexpert_value, classification_sample, find_file, stream_table,
 )
 from m4cxr.data.templates import chexbert_labels, cot_candidates
 
@@ -33,7 +33,7 @@ def read(c: Collector) -> None:
         if path is None:
             c.note("no valid.csv: the validate split is empty")
             continue
-        table = read_table(path)
+        table = stream_table(path)
         path_col = table.column("Path")
         names = {n: table.column(n) for n in chexbert_labels()}
         for row in table.rows:

@@ -20,7 +20,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -90,22 +90,34 @@ class Table:
 def read_table(path: Path, sep: str = ",", names: Sequence[str] | None = None) -> Table:
     """Read a delimited file by column name. `names` replaces the header (files whose header
     does not match their rows, like ChestX-ray14's BBox list)."""
-    with open_text(path) as f:
-        reader = csv.reader(f, delimiter=sep)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise SourceError(f"{path}: empty file") from None
-        if names is not None:
-            header = list(names)
-        rows = []
-        for line, values in enumerate(reader, start=2):
-            if not any(v.strip() for v in values):
-                continue
-            row = {h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header) if h}
-            row["line"] = str(line)
-            rows.append(row)
-    return Table(path, header, rows)
+    table = stream_table(path, sep, names)
+    table.rows = list(table.rows)
+    return table
+
+
+def stream_table(path: Path, sep: str = ",", names: Sequence[str] | None = None) -> Table:
+    """read_table whose rows are read one at a time as they are iterated (once): for the tables
+    with a row per image or study, which are not worth holding as dicts."""
+    f = open_text(path)
+    reader = csv.reader(f, delimiter=sep)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        f.close()
+        raise SourceError(f"{path}: empty file") from None
+    if names is not None:
+        header = list(names)
+
+    def rows() -> Iterator[dict[str, str]]:
+        with f:
+            for line, values in enumerate(reader, start=2):
+                if not any(v.strip() for v in values):
+                    continue
+                row = {h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header) if h}
+                row["line"] = str(line)
+                yield row
+
+    return Table(path, header, rows())
 
 
 def read_json(path: Path) -> Any:
@@ -128,7 +140,7 @@ def chexpert_value(value: str | None, where: str) -> int | None:
 # ----------------------------------------------------------------------------- the collector
 
 
-@dataclass
+@dataclass(slots=True)  # one per image of the corpus: no per-object __dict__
 class ImageRef:
     image_id: str
     path: str
@@ -141,7 +153,9 @@ class ImageRef:
 
 @dataclass
 class Collector:
-    """What one adapter produces: samples, the images they use, skipped and excluded records."""
+    """What one adapter produces: samples, the images they use, skipped and excluded records.
+    With a `sink`, each sample goes to it as it is made (prepare writes them out in chunks) and
+    `samples` stays empty; `added` counts them either way."""
 
     dataset: str
     root: Path
@@ -154,6 +168,8 @@ class Collector:
     excluded: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    sink: Callable[[Sample], None] | None = None
+    added: int = 0
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -203,13 +219,17 @@ class Collector:
         `template`'s, where a task asks another task's question)."""
         turns = render_conversation(template or task, fields, self.config.system_prompt, follow_ups=follow_ups)
         sample = Sample(
-            sample_id=f"{self.dataset}-{task}-{len(self.samples)}", task=task, task_type=task_type(task),
+            sample_id=f"{self.dataset}-{task}-{self.added}", task=task, task_type=task_type(task),
             dataset=self.dataset, split=split, patient_id=patient, study_id=study or images[0][0],
             images=[{"image_id": i, "role": r} for i, r in images], turns=turns, labels=dict(labels or {}),
             boxes=[{"label": name, "image_index": index, "box": [float(v) for v in box]} for name, index, box in boxes],
             report=report, prior_report=prior_report, answer=turns[-1]["content"],
         )
-        self.samples.append(sample)
+        self.added += 1
+        if self.sink is None:
+            self.samples.append(sample)
+        else:
+            self.sink(sample)
         return sample
 
 

@@ -14,7 +14,7 @@ counts them.
 
 from __future__ import annotations
 
-from m4cxr.data.sources.common import Collector, SourceError, find_file, read_json, read_table
+from m4cxr.data.sources.common import Collector, SourceError, find_file, read_json, stream_table
 from m4cxr.data.sources.mimic_cxr import patient_id
 
 DATASET = "imagenome"
@@ -69,10 +69,10 @@ def read(c: Collector) -> None:
     avoid_path = find_file(silver / "splits", "images_to_avoid.csv", required=False)
     avoid = set()
     if avoid_path is not None:
-        table = read_table(avoid_path)
+        table = stream_table(avoid_path)
         avoid = {row[table.column("dicom_id")] for row in table.rows}
     for split, name in SPLIT_FILES.items():
-        table = read_table(find_file(silver / "splits", name))
+        table = stream_table(find_file(silver / "splits", name))
         cols = {k: table.column(k) for k in ("subject_id", "study_id", "dicom_id")}
         for row in table.rows:
             record = f"{table.path.name} line {row['line']}"

@@ -29,12 +29,13 @@ MS-CXR, Chest ImaGenome, MIMIC-CXR-VQA, MIMIC-Diff-VQA and RaDialog.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import sys
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from m4cxr.data.sources.common import (
-    Collector, SourceError, chexpert_value, find_file, read_table, split_name,
+    Collector, SourceError, chexpert_value, find_file, split_name, stream_table,
 )
 from m4cxr.data.sources.mimic_reports import clean_report, findings_section
 from m4cxr.data.templates import chexbert_labels, cot_candidates, positive_findings
@@ -45,14 +46,14 @@ FRONTAL = ("PA", "AP")
 
 def patient_id(subject_id: str) -> str:
     """One namespace for every MIMIC-derived dataset, so a patient is the same patient in all."""
-    return f"mimic_{subject_id}"
+    return sys.intern(f"mimic_{subject_id}")  # one string per patient, however many images refer to it
 
 
 def image_id(dicom_id: str) -> str:
     return f"mimic_{dicom_id}"
 
 
-@dataclass
+@dataclass(slots=True)  # one per MIMIC-CXR image, held while the MIMIC-derived datasets are read
 class MimicImage:
     dicom_id: str
     subject_id: str
@@ -65,12 +66,13 @@ class MimicImage:
 
 
 class MimicIndex:
-    """The MIMIC-CXR-JPG metadata and split tables, read once."""
+    """The MIMIC-CXR-JPG metadata and split tables, read once (row by row; the ids and values
+    that repeat across a study's images are stored once)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        meta = read_table(find_file(self.root, "mimic-cxr-2.0.0-metadata.csv"))
-        split = read_table(find_file(self.root, "mimic-cxr-2.0.0-split.csv"))
+        meta = stream_table(find_file(self.root, "mimic-cxr-2.0.0-metadata.csv"))
+        split = stream_table(find_file(self.root, "mimic-cxr-2.0.0-split.csv"))
         self.skipped: list[tuple[str, str]] = []
         splits: dict[str, str] = {}
         dicom, split_col = split.column("dicom_id"), split.column("split")
@@ -90,9 +92,10 @@ class MimicIndex:
                 if d not in splits:
                     raise ValueError(f"dicom_id {d!r} is not in the split file")
                 when = f"{int(float(row[cols['StudyDate']])):08d}{float(row[cols['StudyTime']] or 0):010.3f}"
-                image = MimicImage(d, str(int(row[cols["subject_id"]])), str(int(row[cols["study_id"]])), splits[d],
-                                   row[cols["ViewPosition"]].upper(), int(float(row[cols["Columns"]])),
-                                   int(float(row[cols["Rows"]])), when)
+                image = MimicImage(d, sys.intern(str(int(row[cols["subject_id"]]))),
+                                   sys.intern(str(int(row[cols["study_id"]]))), splits[d],
+                                   sys.intern(row[cols["ViewPosition"]].upper()), int(float(row[cols["Columns"]])),
+                                   int(float(row[cols["Rows"]])), sys.intern(when))
             except (ValueError, KeyError) as err:
                 self.skipped.append((record, f"malformed metadata row: {err}"))
                 continue
@@ -126,25 +129,42 @@ class MimicIndex:
         return sorted(dicom_ids, key=lambda d: (self.images[d].view not in FRONTAL, d))
 
 
-def read_labels(c: Collector) -> dict[str, dict[str, int]]:
-    """study_id -> CheXpert-14 labels from mimic-cxr-2.0.0-chexpert (empty when the file is absent)."""
+def read_labels(c: Collector) -> dict[str, bytes]:
+    """study_id -> CheXpert-14 labels from mimic-cxr-2.0.0-chexpert (empty when the file is absent),
+    packed (`pack_labels`): the table has a row per study."""
     path = find_file(c.root, "mimic-cxr-2.0.0-chexpert.csv", required=False)
     if path is None:
         c.note("no mimic-cxr-2.0.0-chexpert file: chain-of-thought labels come from the rule-based labeler")
         return {}
-    table = read_table(path)
+    table = stream_table(path)
     study, names = table.column("study_id"), {n: table.column(n) for n in chexbert_labels()}
     labels = {}
     for row in table.rows:
         try:
             values = {n: chexpert_value(row[col], f"{path.name} line {row['line']}") for n, col in names.items()}
-            labels[str(int(row[study]))] = {n: v for n, v in values.items() if v is not None}
+            labels[sys.intern(str(int(row[study])))] = pack_labels(values)
         except ValueError as err:
             c.skip(f"{path.name} line {row['line']}", str(err))
     return labels
 
 
+NOT_MENTIONED = 3  # the packed value of a blank cell
+
+
+def pack_labels(values: dict[str, int | None]) -> bytes:
+    """CheXpert-14 values (1, 0, -1 or None) in chexbert_labels() order as one byte each."""
+    return bytes(NOT_MENTIONED if v is None else v + 1 for v in values.values())
+
+
+def unpack_labels(packed: bytes) -> dict[str, int]:
+    """The labels a packed row mentions, in chexbert_labels() order."""
+    return {n: b - 1 for n, b in zip(chexbert_labels(), packed) if b != NOT_MENTIONED}
+
+
 def read(c: Collector) -> None:
+    """Patient by patient (in subject order, each patient's studies in time): only one patient's
+    reports are held, which is all that pairing a study with the previous one needs. The records
+    left out are reported as a reading of every report in study order would report them."""
     from m4cxr.labeler import label_report
 
     index = c.context.mimic()
@@ -152,72 +172,86 @@ def read(c: Collector) -> None:
         c.skip(record, reason)
     file_labels = read_labels(c)
     candidates, limits = cot_candidates(), c.config
-    reports: dict[str, tuple[str, dict[str, int]]] = {}  # study -> (cleaned FINDINGS, labels)
-    missing_reports = labelled_here = 0
-    for study, dicoms in sorted(index.studies.items()):
-        subject = index.images[dicoms[0]].subject_id
-        path = index.report_path(subject, study)
-        if path is None:
-            missing_reports += 1
-            c.skip(f"s{study}", f"no report file files/p{subject[:2]}/p{subject}/s{study}.txt")
-            continue
-        findings = findings_section(path.read_text(encoding="utf-8", errors="replace"))
-        if findings is None:
-            c.exclude("report without a FINDINGS section")
-            continue
-        if len(findings) < 5:
-            c.exclude("FINDINGS shorter than 5 characters")
-            continue
-        if study in file_labels:
-            labels = file_labels[study]
-        else:
-            labels = label_report(findings)
-            labelled_here += 1
-        reports[study] = (clean_report(findings), labels)
-    if index.studies and missing_reports == len(index.studies):
-        raise SourceError(f"{c.root}: no report files (files/pXX/pSUBJECT/sSTUDY.txt) for any study; "
-                          "unpack mimic-cxr-reports.zip into this folder")
-    if file_labels and labelled_here:
-        c.note(f"{labelled_here} studies are not in the label file: labelled by the rule-based labeler")
+    missing: list[tuple[str, str, str]] = []  # (study, record, reason) of the studies without a report file
+    report_rules: dict[str, tuple[str, int]] = {}  # rule -> (first study it left out, count)
+    pair_rules: Counter = Counter()
+    labelled_here = 0
 
     by_subject: dict[str, list[str]] = defaultdict(list)
     for study, dicoms in index.studies.items():
         by_subject[index.images[dicoms[0]].subject_id].append(study)
     for subject, studies in sorted(by_subject.items()):
         studies.sort(key=lambda s: (index.images[index.studies[s][0]].time, s))
-        for position, study in enumerate(studies):
-            if study not in reports:
+        reports: dict[str, tuple[str, dict[str, int]]] = {}  # study -> (cleaned FINDINGS, labels)
+        for study in studies:
+            path = index.report_path(subject, study)
+            if path is None:
+                missing.append((study, f"s{study}", f"no report file files/p{subject[:2]}/p{subject}/s{study}.txt"))
                 continue
-            report, labels = reports[study]
-            dicoms = index.study_order(index.studies[study])
-            ids = [index.register(c, d) for d in dicoms]
-            split = index.images[dicoms[0]].split
-            fields = {"findings": candidates, "positives": positive_findings(labels, candidates), "report": report}
-            common = dict(split=split, patient=patient_id(subject), study=study, labels=labels, report=report)
-            for i in ids:
-                c.add("single_image", {**fields, "images": 1}, [(i, "current")], **common)
-            # the test split: one instance of each scenario per frontal image of the study
-            copies = sum(index.images[d].view in FRONTAL for d in dicoms) if split == "test" else 1
-            current = [(i, "current") for i in ids]
-            if len(ids) > limits.max_images_multi_image:
-                c.exclude(f"multi-image: study of more than {limits.max_images_multi_image} images")
+            findings = findings_section(path.read_text(encoding="utf-8", errors="replace"))
+            rule = ("report without a FINDINGS section" if findings is None else
+                    "FINDINGS shorter than 5 characters" if len(findings) < 5 else None)
+            if rule:
+                first, count = report_rules.get(rule, (study, 0))
+                report_rules[rule] = (min(first, study), count + 1)
+                continue
+            if study in file_labels:
+                labels = unpack_labels(file_labels[study])
             else:
-                for _ in range(copies):
-                    c.add("multi_image", {**fields, "images": len(ids)}, current, **common)
-            prior = studies[position - 1] if position else None
-            if prior is None or prior not in reports:
-                if split == "test" and len(ids) <= limits.max_images_multi_image:
-                    for _ in range(copies):  # no prior study: the follow-up alone, asked as multi-image
-                        c.add("multi_study", {**fields, "images": len(ids)}, current, template="multi_image", **common)
-                elif prior is not None:
-                    c.exclude("multi-study: the previous study has no usable FINDINGS")
-                continue
-            prior_dicoms = index.study_order(index.studies[prior])
-            if len(prior_dicoms) + len(dicoms) > limits.max_images_multi_study:
-                c.exclude(f"multi-study: more than {limits.max_images_multi_study} images in the two studies")
-                continue
-            prior_ids = [index.register(c, d) for d in prior_dicoms]
+                labels = label_report(findings)
+                labelled_here += 1
+            reports[study] = (clean_report(findings), labels)
+        add_patient_samples(c, index, subject, studies, reports, candidates, limits, pair_rules)
+
+    for _, record, reason in sorted(missing):
+        c.skip(record, reason)
+    if index.studies and len(missing) == len(index.studies):
+        raise SourceError(f"{c.root}: no report files (files/pXX/pSUBJECT/sSTUDY.txt) for any study; "
+                          "unpack mimic-cxr-reports.zip into this folder")
+    for rule, (_, count) in sorted(report_rules.items(), key=lambda item: item[1][0]):
+        c.exclude(rule, count)
+    for rule, count in pair_rules.items():
+        c.exclude(rule, count)
+    if file_labels and labelled_here:
+        c.note(f"{labelled_here} studies are not in the label file: labelled by the rule-based labeler")
+
+
+def add_patient_samples(c: Collector, index: MimicIndex, subject: str, studies: list[str],
+                        reports: dict[str, tuple[str, dict[str, int]]], candidates, limits, excluded: Counter) -> None:
+    """The three scenarios' samples of one patient's studies (in time order)."""
+    for position, study in enumerate(studies):
+        if study not in reports:
+            continue
+        report, labels = reports[study]
+        dicoms = index.study_order(index.studies[study])
+        ids = [index.register(c, d) for d in dicoms]
+        split = index.images[dicoms[0]].split
+        fields = {"findings": candidates, "positives": positive_findings(labels, candidates), "report": report}
+        common = dict(split=split, patient=patient_id(subject), study=study, labels=labels, report=report)
+        for i in ids:
+            c.add("single_image", {**fields, "images": 1}, [(i, "current")], **common)
+        # the test split: one instance of each scenario per frontal image of the study
+        copies = sum(index.images[d].view in FRONTAL for d in dicoms) if split == "test" else 1
+        current = [(i, "current") for i in ids]
+        if len(ids) > limits.max_images_multi_image:
+            excluded[f"multi-image: study of more than {limits.max_images_multi_image} images"] += 1
+        else:
             for _ in range(copies):
-                c.add("multi_study", {**fields, "prior_images": len(prior_ids), "prior_report": reports[prior][0],
-                                      "follow_up_images": len(ids)},
-                      [(i, "prior") for i in prior_ids] + current, prior_report=reports[prior][0], **common)
+                c.add("multi_image", {**fields, "images": len(ids)}, current, **common)
+        prior = studies[position - 1] if position else None
+        if prior is None or prior not in reports:
+            if split == "test" and len(ids) <= limits.max_images_multi_image:
+                for _ in range(copies):  # no prior study: the follow-up alone, asked as multi-image
+                    c.add("multi_study", {**fields, "images": len(ids)}, current, template="multi_image", **common)
+            elif prior is not None:
+                excluded["multi-study: the previous study has no usable FINDINGS"] += 1
+            continue
+        prior_dicoms = index.study_order(index.studies[prior])
+        if len(prior_dicoms) + len(dicoms) > limits.max_images_multi_study:
+            excluded[f"multi-study: more than {limits.max_images_multi_study} images in the two studies"] += 1
+            continue
+        prior_ids = [index.register(c, d) for d in prior_dicoms]
+        for _ in range(copies):
+            c.add("multi_study", {**fields, "prior_images": len(prior_ids), "prior_report": reports[prior][0],
+                                  "follow_up_images": len(ids)},
+                  [(i, "prior") for i in prior_ids] + current, prior_report=reports[prior][0], **common)

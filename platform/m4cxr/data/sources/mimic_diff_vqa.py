@@ -9,7 +9,7 @@ other six types become vqa on the main image. Images come from the mimic_cxr sou
 
 from __future__ import annotations
 
-from m4cxr.data.sources.common import Collector, find_file, read_table, split_name
+from m4cxr.data.sources.common import Collector, find_file, split_name, stream_table
 from m4cxr.data.sources.mimic_cxr import patient_id
 
 DATASET = "mimic_diff_vqa"
@@ -17,7 +17,7 @@ DATASET = "mimic_diff_vqa"
 
 def read(c: Collector) -> None:
     index = c.context.mimic(needed_by=DATASET)
-    studies = read_table(find_file(c.root, "mimic_all.csv"))
+    studies = stream_table(find_file(c.root, "mimic_all.csv"))
     study_col, dicom_col = studies.column("study_id"), studies.column("dicom_id")
     frontal = {}
     for row in studies.rows:
@@ -25,7 +25,7 @@ def read(c: Collector) -> None:
             frontal[str(int(float(row[study_col])))] = row[dicom_col]
         except ValueError:
             c.skip(f"{studies.path.name} line {row['line']}", f"study_id {row[study_col]!r} is not a number")
-    table = read_table(find_file(c.root, "mimic_pair_questions.csv"))
+    table = stream_table(find_file(c.root, "mimic_pair_questions.csv"))
     cols = {k: table.column(k) for k in ("study_id", "subject_id", "ref_id", "question_type", "question", "answer",
                                          "split")}
     for row in table.rows:

@@ -12,7 +12,7 @@ Its images are kept out of every other dataset's training samples by prepare (th
 from __future__ import annotations
 
 from m4cxr.data.boxes import enclosing_box
-from m4cxr.data.sources.common import Collector, SourceError, read_table, split_name
+from m4cxr.data.sources.common import Collector, SourceError, split_name, stream_table
 
 DATASET = "ms_cxr"
 
@@ -21,7 +21,7 @@ def read(c: Collector) -> None:
     files = sorted(c.root.glob("MS_CXR_Local_Alignment_*.csv"), reverse=True)  # the newest version first
     if not files:
         raise SourceError(f"{c.root}: no MS_CXR_Local_Alignment_*.csv (is this the MS-CXR folder?)")
-    table = read_table(files[0])
+    table = stream_table(files[0])
     cols = {k: table.column(k) for k in ("dicom_id", "label_text", "x", "y", "w", "h", "image_width", "image_height")}
     split_col = table.column("split", required=False)
     if split_col is None:

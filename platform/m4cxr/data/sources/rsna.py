@@ -8,7 +8,7 @@ You et al.) and "Normal" are used, the paper's rule. Images: stage_2_train_image
 from __future__ import annotations
 
 from m4cxr.data.sources.common import (
-    Collector, classification_sample, detection_samples, find_file, read_table,
+    Collector, classification_sample, detection_samples, find_file, stream_table,
 )
 
 DATASET = "rsna"
@@ -17,10 +17,10 @@ KEPT = {"Lung Opacity": True, "Normal": False}
 
 
 def read(c: Collector) -> None:
-    classes = read_table(find_file(c.root, "stage_2_detailed_class_info.csv"))
+    classes = stream_table(find_file(c.root, "stage_2_detailed_class_info.csv"))
     pid, cls = classes.column("patientId"), classes.column("class")
     kind = {row[pid]: row[cls] for row in classes.rows}
-    labels = read_table(find_file(c.root, "stage_2_train_labels.csv"))
+    labels = stream_table(find_file(c.root, "stage_2_train_labels.csv"))
     cols = {k: labels.column(k) for k in ("patientId", "x", "y", "width", "height", "Target")}
     boxes: dict[str, list] = {}
     for row in labels.rows:

@@ -15,7 +15,7 @@ import numpy as np
 
 from m4cxr.data.boxes import mask_to_boxes
 from m4cxr.data.sources.common import (
-    Collector, SourceError, classification_sample, detection_samples, find_file, read_table,
+    Collector, SourceError, classification_sample, detection_samples, find_file, stream_table,
 )
 
 DATASET = "siim"
@@ -48,7 +48,7 @@ def decode(pairs: list[tuple[int, int]], width: int, height: int, absolute: bool
 
 def read(c: Collector) -> None:
     path = find_file(c.root, "train-rle.csv", "stage_2_train.csv", "siim-pneumothorax-train-rle.csv")
-    table = read_table(path)
+    table = stream_table(path)
     image_col, rle_col = table.column("ImageId"), table.column("EncodedPixels")
     dicoms = {p.stem: p for p in c.root.rglob("*.dcm")}
     if not dicoms:

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from m4cxr.data.boxes import merge_overlapping
 from m4cxr.data.sources.common import (
-    Collector, classification_sample, detection_samples, find_file, read_table,
+    Collector, classification_sample, detection_samples, find_file, stream_table,
 )
 
 DATASET = "vindr_cxr"
@@ -30,7 +30,7 @@ TASKS = ("finding_grounding", "grounded_finding", "abnormality_detection", "mult
 
 
 def read_boxes(c: Collector, split: str) -> dict[str, dict[str, list]]:
-    table = read_table(find_file(c.root / "annotations", f"annotations_{split}.csv"))
+    table = stream_table(find_file(c.root / "annotations", f"annotations_{split}.csv"))
     image, name = table.column("image_id"), table.column("class_name")
     coords = [table.column(k) for k in ("x_min", "y_min", "x_max", "y_max")]
     found: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -54,7 +54,7 @@ def read_boxes(c: Collector, split: str) -> dict[str, dict[str, list]]:
 
 
 def read_labels(c: Collector, split: str) -> dict[str, dict[str, int]]:
-    table = read_table(find_file(c.root / "annotations", f"image_labels_{split}.csv"))
+    table = stream_table(find_file(c.root / "annotations", f"image_labels_{split}.csv"))
     image = table.column("image_id")
     cols = {label: table.column(label, "Other diseases" if label == "Other disease" else label) for label in LABELS}
     votes: dict[str, list[dict[str, int]]] = defaultdict(list)
