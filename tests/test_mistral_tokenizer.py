@@ -131,3 +131,45 @@ def test_a_tiny_mistral_trains_on_ray_and_generates_with_the_real_tokenizer(ray_
             {"role": "user", "content": "radiology image: <image> Answer the question. Is the heart enlarged?"}]
     details = model.generate_details([conv], [[Image.new("L", (112, 112), 90)]], max_new_tokens=6)[0]
     assert details["completion_tokens"] >= 1 and isinstance(details["text"], str)
+
+
+def test_the_full_size_model_on_the_meta_device_takes_the_real_tokenizers_ids(tok):
+    """Rad-DINO + C-Abstractor + Mistral-7B as the paper's experiment names them (their published
+    configs, no weights): a 518 px image is 37 x 37 patches, pooled to 361 visual tokens, exactly
+    the run of ids one <image> expands to; the tokenizer's 32,001 ids all embed, <image> (32,000,
+    past Mistral's 32,000 rows) included, since its row is replaced by the image's tokens. The
+    LLM keeps Mistral's own 32,000 rows, so the base weights load unchanged and its checkpoints
+    stay LoRA adapters on that base."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model
+
+    from m4cxr.config import load_experiment
+    from m4cxr.model.m4cxr import M4CXR, add_lora
+    from m4cxr.model.projector import CAbstractor
+    from m4cxr.model.summary import KNOWN, published_architectures
+    from m4cxr.model.vision import VisionEncoder
+
+    from conftest import ROOT
+
+    exp = load_experiment(ROOT / "experiments/m4cxr.yaml")
+    arch, cfg = published_architectures(), exp.model
+    with torch.device("meta"):
+        vision = VisionEncoder(Dinov2Model(Dinov2Config(**arch[KNOWN[cfg.vision_encoder]])))
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model("mistral", **arch[KNOWN[cfg.llm]]))
+        p = cfg.projector
+        projector = CAbstractor(vision.num_tokens(exp.data.image_size), vision.hidden_size, llm.config.hidden_size,
+                                p.hidden_size, p.depth, p.mlp_depth, p.num_query_tokens)
+        model = M4CXR(vision, projector, add_lora(llm, cfg), tok, exp.data.image_size, cfg.image_mean,
+                      cfg.image_std, exp.data.box_convention)
+        conv = conversations(text_only=False)["single_image"][:2]
+        ids, _ = encode_conversation(tok, conv, tokens_per_image=model.tokens_per_image)
+        n_images = conv[1]["content"].count("<image>")
+        visual = model.encode_images(torch.zeros(n_images, 3, 518, 518))
+    assert exp.data.image_size == 518 and vision.num_tokens(518) == 37 * 37
+    assert model.tokens_per_image == 361 and ids.count(image_token_id(tok)) == 361 * n_images
+    assert visual.shape == (n_images, 361, 4096) and visual.device.type == "meta"
+    # what M4CXR.embed looks up: every id but <image>'s, whose positions take `visual`
+    looked_up = torch.tensor(ids).masked_fill(torch.tensor(ids) == image_token_id(tok), 0)
+    assert int(looked_up.max()) < llm.get_input_embeddings().num_embeddings
+    assert len(tok) == 32_001 and llm.get_input_embeddings().num_embeddings == 32_000
+    assert llm.get_output_embeddings().out_features == 32_000  # <image> is never a target nor generated

@@ -12,7 +12,11 @@ from m4cxr.model.vision import pixel_values
 
 from conftest import ROOT
 
-# preprocessor_config.json of the M4CXR release (huggingface.co/Deepnoid/M4CXR-TNNLS), Rad-DINO's values
+# microsoft/rad-dino's preprocessor_config.json, which M4CXR's code (github.com/deepnoid-ai/M4CXR-TNNLS,
+# configs/instruction_tuning.yaml) loads unchanged with AutoProcessor. Its file is not reachable here; these
+# values are the ones public projects copy from it (mean/std 0.5307/0.2583, shortest edge 518 bicubic,
+# centre crop 518), and agree with the model card's 37 x 37 patch grid (518 / 14) and with M4CXR's box
+# normalisation, which subtracts the centre crop's offset.
 PUBLISHED = {
     "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 518}, "resample": 3,
     "do_center_crop": True, "crop_size": {"height": 518, "width": 518}, "do_rescale": True,

@@ -115,12 +115,14 @@ def optuna_plots(exp: Experiment, rows: list[dict], out: Path) -> dict[str, str]
     # PED-ANOVA ranks parameters by how they reach LOW target values: flip objectives to maximise
     sign = -1.0 if exp.tune.objectives[first] == "max" else 1.0
     paths = {}
-    plots = {"parallel_coordinate": (ovm.plot_parallel_coordinate, lambda t: t.values[0], first),
+    # PED-ANOVA named: it is Optuna 5's default, Optuna 4's (fANOVA) needs scikit-learn
+    pedanova = {"evaluator": optuna.importance.PedAnovaImportanceEvaluator()}
+    plots = {"parallel_coordinate": (ovm.plot_parallel_coordinate, lambda t: t.values[0], first, {}),
              "importance": (ovm.plot_param_importances, lambda t: sign * t.values[0],
-                            first if sign > 0 else f"{first} (negated: higher is better)")}
-    for name, (plot, target, target_name) in plots.items():
+                            first if sign > 0 else f"{first} (negated: higher is better)", pedanova)}
+    for name, (plot, target, target_name, extra) in plots.items():
         try:
-            ax = plot(study, target=target, target_name=target_name)
+            ax = plot(study, target=target, target_name=target_name, **extra)
         except (ValueError, RuntimeError) as err:  # too few completed trials, or no variation
             print(f"sweep: no {name} plot ({err})")
             continue
