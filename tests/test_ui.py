@@ -120,6 +120,8 @@ def test_page_in_a_real_browser(page_services, tmp_path):
         canvas = page.locator("#canvas img")
         size = canvas.bounding_box()
         canvas.click(position={"x": 0.2 * size["width"], "y": 0.3 * size["height"]})
+        # the second click only after the first is taken (its corner shown), or both carry no corner
+        expect(page.locator("#box-preview img")).to_be_visible(timeout=30_000)
         canvas.click(position={"x": 0.6 * size["width"], "y": 0.8 * size["height"]})
         box_text = page.locator("#box-text textarea")
         expect(box_text).not_to_have_value("", timeout=30_000)

@@ -188,8 +188,9 @@ class Page:
         if image is None:
             raise RequestError("upload the study's image(s) first: PNG, JPEG or DICOM")
         corners = (corners or [])[-1:] + [list(evt.index)]
-        if len(corners) < 2:
-            return corners, "", None
+        if len(corners) < 2:  # shown, so that the user (and a browser test) sees the first click taken
+            (x, y), = corners
+            return corners, "", self.overlay(image, [], None, f"first corner at ({x}, {y}): click the opposite one")
         (xa, ya), (xb, yb) = corners
         pixels = (min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
         info = await self.info(checkpoint)
