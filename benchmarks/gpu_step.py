@@ -64,11 +64,14 @@ def main() -> None:
     parser.add_argument("--batch", default="1,4", help="micro-batch sizes (the larger ones up to 4 images)")
     parser.add_argument("--text-tokens", type=int, default=300, help="text tokens per sample besides images")
     parser.add_argument("--packing", action="store_true", help="packed rows (data.packing) instead of one sample a row")
-    parser.add_argument("--row-tokens", type=int, default=4096, help="the length of a packed row")
+    parser.add_argument("--row-tokens", type=int, help="the length of a packed row (with --packing; 4,096 then)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.row_tokens is not None and not args.packing:
+        parser.error("--row-tokens sets the length of a packed row: give --packing with it")
+    args.row_tokens = args.row_tokens or 4096
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")

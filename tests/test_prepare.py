@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -211,3 +212,23 @@ def test_the_paper_test_sets_are_evaluated_from_a_prepared_corpus(prepared):
     per_set = results["vqa_by_dataset"]["vqa"]
     assert per_set["mimic_cxr_vqa"]["accuracy"] == 1.0 and per_set["slake"]["accuracy"] == 0.0
     assert "vqa on slake (2 samples)" in render_tables(results, exp)
+
+
+def test_an_ms_cxr_test_image_in_another_datasets_training_file_is_a_leak(tmp_path):
+    """The check reads every file's training samples, not only those of files that hold MS-CXR
+    samples: here the training file has none, and still uses an MS-CXR test image."""
+    from m4cxr.data.schema import SAMPLE_SCHEMA, samples_path
+    from m4cxr.data.stats import corpus_stats
+
+    def row(dataset, split, patient):
+        return {**{f.name: None for f in SAMPLE_SCHEMA}, "sample_id": f"{dataset}-0", "task": "phrase_grounding",
+                "task_type": "grounding", "dataset": dataset, "split": split, "patient_id": patient,
+                "study_id": "s1", "images": [{"image_id": "mimic_d1", "role": "current"}], "turns": [], "boxes": []}
+
+    samples_path(tmp_path).mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row("ms_cxr", "test", "p1")], schema=SAMPLE_SCHEMA), samples_path(tmp_path, "test"))
+    pq.write_table(pa.Table.from_pylist([row("vindr_cxr", "train", "p2")], schema=SAMPLE_SCHEMA),
+                   samples_path(tmp_path, "train"))
+    leakage = corpus_stats(tmp_path)["leakage"]
+    assert leakage["ms_cxr_test_images_in_training"] == 1 and leakage["ms_cxr_examples"] == ["mimic_d1"]
+    assert leakage["patients_in_several_splits"] == 0

@@ -77,7 +77,7 @@ class DataConfig:
     length_grouping: bool = True  # sort each step's samples by length into micro-batches
     # pack each step's samples into rows of up to train.max_seq_len tokens, each sample attending
     # only to itself (position ids restart per sample): the same loss, far less padding. Then
-    # train.micro_batch_size counts packed rows, and length_grouping has no effect
+    # train.micro_batch_size counts packed rows, and length_grouping must stay on
     packing: bool = False
     # How report generation is trained (Table 5): "cot" asks for the findings, then the report;
     # "single_turn" asks for the report at once (Exp1); "separate" trains the report question and

@@ -25,7 +25,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,9 @@ from m4cxr.config import DataConfig, Experiment
 from m4cxr.data.schema import IMAGE_INDEX_SCHEMA, SAMPLE_SCHEMA, SPLITS, Sample, samples_path, write_manifest
 from m4cxr.data.sources.common import Collector, ImageRef, SourceError
 from m4cxr.data.stats import MS_CXR, corpus_stats
+
+if TYPE_CHECKING:
+    from m4cxr.eval.pictures import BoxTiles
 
 # The adapters, in the order they run: MIMIC-CXR first (its index serves the MIMIC-derived
 # datasets), MS-CXR before the datasets it must be kept out of.
@@ -276,15 +279,6 @@ def resized_batches(refs: list[ImageRef], out_dir: Path, size: int) -> Iterator[
         context.op_resource_reservation_enabled = reserved
 
 
-def resize_images(refs: list[ImageRef], out_dir: Path, size: int) -> dict[str, dict]:
-    """image_id -> {width, height, scale, error} for every image, resized on Ray Data."""
-    rows = {}
-    for batch in resized_batches(refs, out_dir, size):
-        for i, image_id in enumerate(batch["image_id"]):
-            rows[image_id] = {"image_id": image_id, **{k: batch[k][i] for k in ("width", "height", "scale", "error")}}
-    return rows
-
-
 class Resized:
     """Every stored image's size and scale by its position in the image list, and the errors of
     those that could not be read (numbers, not a dict per image)."""
@@ -330,58 +324,29 @@ def scale_boxes(table: pa.Table, resized: Resized) -> pa.Table:
     return table.set_column(column, SAMPLE_SCHEMA.field("boxes"), pa.array(boxes, type=SAMPLE_SCHEMA.field("boxes").type))
 
 
-class PreviewChoice:
-    """boxes_preview's choice, made while the samples are written: per dataset, the first sample
-    with the most boxes in the first samples file (by name) that has the most."""
+def draw_boxes_preview(out: Path, by_split: dict[str, BoxTiles]) -> list[str]:
+    """boxes_preview.png from the samples chosen while writing (split by split, in the order of
+    the samples files' names, as eval/pictures.boxes_preview would choose from the corpus), its
+    images opened from the store by their path, without reading the whole image index."""
+    from PIL import Image
 
-    def __init__(self):
-        self.best: dict[tuple[str, str], tuple[int, dict]] = {}  # (split, dataset) -> (boxes, row)
+    from m4cxr.eval.pictures import BoxTiles, draw_box_tiles  # matplotlib: only when drawing
 
-    def offer(self, table: pa.Table) -> None:
-        counts = pc.list_value_length(table.column("boxes")).fill_null(0).to_numpy(zero_copy_only=False)
-        if not counts.any():
-            return
-        splits, datasets = table.column("split").to_pylist(), table.column("dataset").to_pylist()
-        for n in np.flatnonzero(counts):
-            key = (splits[n], datasets[n])
-            if counts[n] > self.best.get(key, (0, None))[0]:
-                self.best[key] = (int(counts[n]), table.slice(int(n), 1).to_pylist()[0])
-
-    def rows(self) -> list[dict]:
-        tiles: dict[str, tuple[int, dict]] = {}
-        for (split, dataset), (count, row) in sorted(self.best.items()):
-            if count > tiles.get(dataset, (0, None))[0]:
-                tiles[dataset] = (count, row)
-        return [row for _, row in tiles.values()]
-
-
-def draw_boxes_preview(out: Path, rows: list[dict]) -> list[str]:
-    """boxes_preview.png from the chosen samples: drawn from a folder holding only them and their
-    images' index rows, so that the corpus's whole image index is not read into memory."""
-    from m4cxr.eval.pictures import boxes_preview
-
-    if not rows:
-        return []
-    folder = out / ".boxes-preview"
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        wanted = sorted({i["image_id"] for row in rows for i in row["images"]})
-        index = pq.read_table(out / "images.parquet", filters=[("image_id", "in", wanted)])
-        paths = pa.array([str(out / p) for p in index.column("path").to_pylist()], type=pa.string())
-        (folder / "samples").mkdir(parents=True)
-        pq.write_table(index.set_column(index.schema.get_field_index("path"), "path", paths), folder / "images.parquet")
-        pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), folder / "samples" / "preview.parquet")
-        return boxes_preview(folder, out / "boxes_preview.png")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    tiles = BoxTiles()
+    for split in sorted(by_split):
+        tiles.merge(by_split[split])
+    return draw_box_tiles(tiles, lambda image_id: Image.open(out / "images" / f"{image_id}.png"),
+                          out / "boxes_preview.png")
 
 
 def write_corpus_samples(collectors: list[Collector], spool: Path, out: Path, ms_images: pa.Array,
                          unavailable: pa.Array, resized: Resized, chunk_rows: int,
-                         preview: PreviewChoice) -> tuple[int, Counter]:
+                         preview: dict[str, BoxTiles]) -> tuple[int, Counter]:
     """samples/<split>.parquet from the spool, in the adapters' order: the MS-CXR rule applied,
     samples using an image in `unavailable` (not stored) left out and counted per dataset, boxes
     scaled. Returns the samples written and the samples lost."""
+    from m4cxr.eval.pictures import BoxTiles
+
     samples_path(out).mkdir(parents=True, exist_ok=True)
     writers: dict[str, ChunkedWriter] = {}
     lost: Counter = Counter()
@@ -396,7 +361,6 @@ def write_corpus_samples(collectors: list[Collector], spool: Path, out: Path, ms
                 if dropped.any() or missing.any():
                     table = table.filter(pa.array(~(dropped | missing)))
                 table = scale_boxes(table, resized)
-                preview.offer(table)
                 for split in pc.unique(table.column("split")).to_pylist():
                     part = table.filter(pc.equal(table.column("split"), split))
                     if split not in SPLITS:
@@ -405,6 +369,7 @@ def write_corpus_samples(collectors: list[Collector], spool: Path, out: Path, ms
                     if split not in writers:
                         writers[split] = ChunkedWriter(samples_path(out, split), SAMPLE_SCHEMA, chunk_rows)
                     writers[split].add_table(part)
+                    preview.setdefault(split, BoxTiles()).offer(part)
                     written += part.num_rows
     finally:
         for writer in writers.values():
@@ -446,7 +411,7 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
         write_image_index(ref_list, resized, out, chunk_rows)
         stored = len(ref_list) - len(resized.errors)
         del ref_list
-        preview = PreviewChoice()
+        preview: dict[str, BoxTiles] = {}
         written, lost = write_corpus_samples(collectors, spool, out, ms_images, unavailable, resized, chunk_rows,
                                              preview)
     finally:
@@ -465,7 +430,7 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
         "source": {"kind": "prepare", "sources": {k: str(v) for k, v in sources.items()}, "seed": seed,
                    "image_size": size, "box_convention": exp.data.box_convention},
     })
-    manifest["boxes_preview"] = {"file": "boxes_preview.png", "datasets": draw_boxes_preview(out, preview.rows())}
+    manifest["boxes_preview"] = {"file": "boxes_preview.png", "datasets": draw_boxes_preview(out, preview)}
     write_manifest(out, manifest)
     if progress:
         print(f"prepare: wrote {written} samples and {stored} images to {out_dir} "

@@ -39,7 +39,7 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
     patients: dict = defaultdict(set)
     total = 0
     scenarios: dict = defaultdict(lambda: defaultdict(int))
-    with_ms_cxr = []  # the files with MS-CXR samples: only there are image ids needed
+    with_ms_cxr = []  # the files with MS-CXR samples: only there are its test images
     for path in files:
         for (key, split), n in report_scenarios(path).items():
             scenarios[key][split] += n
@@ -61,7 +61,8 @@ def corpus_stats(corpus_dir: str | Path) -> dict:
         if has_ms_cxr:
             with_ms_cxr.append(path)
     ms_cxr_test = set().union(*(ms_cxr_test_images(path) for path in with_ms_cxr))
-    leaked_images = set().union(*(training_images_among(path, ms_cxr_test) for path in with_ms_cxr))
+    # every file's training samples: MS-CXR's test images must be in none, whichever dataset's
+    leaked_images = set().union(*(training_images_among(path, ms_cxr_test) for path in files))
     owners: dict = defaultdict(set)
     for split, ids in patients.items():
         for pid in ids:

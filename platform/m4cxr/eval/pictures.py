@@ -86,34 +86,55 @@ def write_report_page(out_dir: str | Path, tables_md: str, overlays: list[Path],
     return path
 
 
+class BoxTiles:
+    """The boxes preview's choice: per dataset, its sample with the most boxes, the first seen
+    on ties. Offered a samples table at a time (a corpus's files in name order, or prepare's
+    tables as it writes them)."""
+
+    def __init__(self):
+        self.best: dict[str, tuple[int, dict]] = {}  # dataset -> (box count, row)
+
+    def offer(self, table: pa.Table) -> None:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        counts = pc.list_value_length(table.column("boxes")).fill_null(0).to_numpy(zero_copy_only=False)
+        datasets = table.column("dataset").to_pylist()
+        for n in np.flatnonzero(counts):
+            if counts[n] > self.best.get(datasets[n], (0, None))[0]:
+                self.best[datasets[n]] = (int(counts[n]), table.slice(int(n), 1).to_pylist()[0])
+
+    def merge(self, other: "BoxTiles") -> None:
+        """`other`'s choice as if its tables had been offered after this one's."""
+        for dataset, (count, row) in other.best.items():
+            if count > self.best.get(dataset, (0, None))[0]:
+                self.best[dataset] = (count, row)
+
+
 def boxes_preview(corpus_dir: str | Path, path: str | Path) -> list[str]:
     """A grid of stored images with their sample boxes (yellow) and labels, one tile per dataset
     that has boxes (its sample with the most boxes): a quick look that each dataset's boxes land
     where they should. Returns the datasets drawn."""
-    import numpy as np
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    store = ImageStore(corpus_dir)
-    tiles: dict[str, tuple[int, dict]] = {}  # dataset -> (box count, row)
+    tiles = BoxTiles()
     for file in sorted(samples_path(corpus_dir).glob("*.parquet")):
-        table = pq.read_table(file, columns=["dataset", "task", "images", "boxes"])
-        counts = pc.list_value_length(table.column("boxes")).fill_null(0).to_numpy(zero_copy_only=False)
-        datasets = np.array(table.column("dataset").to_pylist())
-        for dataset in np.unique(datasets):
-            index = int(np.flatnonzero(datasets == dataset)[np.argmax(counts[datasets == dataset])])
-            if counts[index] > tiles.get(dataset, (0, None))[0]:
-                tiles[dataset] = (int(counts[index]), table.slice(index, 1).to_pylist()[0])
-    if not tiles:
+        tiles.offer(pq.read_table(file, columns=["dataset", "task", "images", "boxes"]))
+    return draw_box_tiles(tiles, ImageStore(corpus_dir).load, path)
+
+
+def draw_box_tiles(tiles: BoxTiles, load_image, path: str | Path) -> list[str]:
+    """boxes_preview's grid for a choice of samples; `load_image(image_id)` opens a stored image."""
+    if not tiles.best:
         return []
-    cols = min(4, len(tiles))
-    rows_n = (len(tiles) + cols - 1) // cols
+    cols = min(4, len(tiles.best))
+    rows_n = (len(tiles.best) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(3 * cols, 3.3 * rows_n), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (dataset, (_, row)) in zip(axes.ravel(), sorted(tiles.items())):
+    for ax, (dataset, (_, row)) in zip(axes.ravel(), sorted(tiles.best.items())):
         image_id = row["images"][row["boxes"][0]["image_index"]]["image_id"]
-        with store.load(image_id) as im:
+        with load_image(image_id) as im:
             ax.imshow(im.convert("L"), cmap="gray")
         for b in row["boxes"]:
             x1, y1, x2, y2 = b["box"]
@@ -123,4 +144,4 @@ def boxes_preview(corpus_dir: str | Path, path: str | Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return sorted(tiles)
+    return sorted(tiles.best)

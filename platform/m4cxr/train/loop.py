@@ -123,6 +123,10 @@ def train_loop_per_worker(config: dict) -> None:
         # DeepSpeed steps the optimizer every `accumulation` micro-batches; a packed step has as
         # many micro-batches as its samples fill
         raise ValueError("data.packing does not work with train.deepspeed; set one of them off")
+    if exp.data.packing and not exp.data.length_grouping:
+        # first-fit decreasing orders a step's samples by length; random micro-batches cannot be kept
+        raise ValueError("data.length_grouping=false cannot be honoured with data.packing, which packs by length; "
+                         "set one of them back")
     if stage.global_batch_size % (micro * world):
         raise ValueError(f"train.{stage_name}.global_batch_size {stage.global_batch_size} is not a multiple of "
                          f"train.micro_batch_size {micro} x {world} workers")

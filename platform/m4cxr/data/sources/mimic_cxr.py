@@ -163,8 +163,7 @@ def unpack_labels(packed: bytes) -> dict[str, int]:
 
 def read(c: Collector) -> None:
     """Patient by patient (in subject order, each patient's studies in time): only one patient's
-    reports are held, which is all that pairing a study with the previous one needs. The records
-    left out are reported as a reading of every report in study order would report them."""
+    reports are held, which is all that pairing a study with the previous one needs."""
     from m4cxr.labeler import label_report
 
     index = c.context.mimic()
@@ -173,7 +172,7 @@ def read(c: Collector) -> None:
     file_labels = read_labels(c)
     candidates, limits = cot_candidates(), c.config
     missing: list[tuple[str, str, str]] = []  # (study, record, reason) of the studies without a report file
-    report_rules: dict[str, tuple[str, int]] = {}  # rule -> (first study it left out, count)
+    report_rules: Counter = Counter()
     pair_rules: Counter = Counter()
     labelled_here = 0
 
@@ -192,8 +191,7 @@ def read(c: Collector) -> None:
             rule = ("report without a FINDINGS section" if findings is None else
                     "FINDINGS shorter than 5 characters" if len(findings) < 5 else None)
             if rule:
-                first, count = report_rules.get(rule, (study, 0))
-                report_rules[rule] = (min(first, study), count + 1)
+                report_rules[rule] += 1
                 continue
             if study in file_labels:
                 labels = unpack_labels(file_labels[study])
@@ -208,9 +206,7 @@ def read(c: Collector) -> None:
     if index.studies and len(missing) == len(index.studies):
         raise SourceError(f"{c.root}: no report files (files/pXX/pSUBJECT/sSTUDY.txt) for any study; "
                           "unpack mimic-cxr-reports.zip into this folder")
-    for rule, (_, count) in sorted(report_rules.items(), key=lambda item: item[1][0]):
-        c.exclude(rule, count)
-    for rule, count in pair_rules.items():
+    for rule, count in (report_rules + pair_rules).items():
         c.exclude(rule, count)
     if file_labels and labelled_here:
         c.note(f"{labelled_here} studies are not in the label file: labelled by the rule-based labeler")
