@@ -99,6 +99,29 @@ def test_mimic_cxr_scenarios_rules_and_time_order(collected):
     assert c.images[f"mimic_{F.dicom_id(F.MIMIC_DICOM)}"].path.endswith(".dcm")  # no JPG: the DICOM release
 
 
+def test_mimic_cxr_test_study_with_two_frontal_views_is_two_instances(tmp_path, monkeypatch):
+    """The paper's test set has one multi-image and one multi-study instance per frontal image:
+    a test study with a PA, an AP and a lateral view gives two of each, each led by its own
+    frontal view, the rest in study order; its single-image instances are its three images."""
+    studies = {**F.MIMIC_STUDIES, "10000002": F.MIMIC_STUDIES["10000002"] + [
+        ("50000014", 21900501, "100000.0", [(22, "PA"), (23, "AP"), (24, "LATERAL")],
+         "Mild pulmonary edema persists. No pleural effusion.", "test")]}
+    monkeypatch.setattr(F, "MIMIC_STUDIES", studies)
+    (c,) = run_adapters({"mimic_cxr": F.mimic_cxr(tmp_path)}, DataConfig(image_size=64), progress=False)
+    # the other test studies as in the test above (4 single-image, 2 + 2 multi): 3 + 2 + 2 more
+    assert {k: v for k, v in counts(c).items() if k[1] == "test"} == \
+        {("single_image", "test"): 7, ("multi_image", "test"): 4, ("multi_study", "test"): 4}
+    ids = lambda s: [i["image_id"].removeprefix("mimic_")[:8] for i in s.images]  # noqa: E731
+    new = [s for s in by_task(c, "multi_image", "test") if s.study_id == "50000014"]
+    assert [ids(s) for s in new] == [["00000016", "00000017", "00000018"], ["00000017", "00000016", "00000018"]]
+    pairs = [s for s in by_task(c, "multi_study", "test") if s.study_id == "50000014"]
+    assert [ids(s) for s in pairs] == [["0000000e", "0000000f", "00000016", "00000017", "00000018"],
+                                       ["0000000e", "0000000f", "00000017", "00000016", "00000018"]]
+    assert all(s.prior_report == clean_report("Edema has improved. Right basilar atelectasis may be present.")
+               for s in pairs)  # the prior is 50000011, the study before it in time
+    assert len({s.sample_id for s in new + pairs}) == 4
+
+
 def test_ms_cxr_phrases_with_several_boxes(collected):
     c = collected[1]["ms_cxr"]
     train = by_task(c, "phrase_grounding", "train")[0]

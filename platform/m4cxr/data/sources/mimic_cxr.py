@@ -15,7 +15,8 @@ under 5 characters: left out):
 - multi-study: the study with the patient's previous study in time (StudyDate, StudyTime), when
   that one has FINDINGS too and the two have at most 10 images in all;
 - the test split, as the paper evaluates: one multi-image and one multi-study instance per
-  frontal (PA, AP) image, each of that image's study (2,461 of each on the official split); the
+  frontal (PA, AP) image, each of that image's study led by that image (2,461 of each on the
+  official split: a study with a PA and an AP view is two instances, one per lead view); the
   multi-study one with the prior study when there is one, else asked as multi-image (128 of the
   paper's 2,461 have none). Its single-image instances are every image (3,858); the frontal ones
   are the paper's other single-image test set (2,461).
@@ -226,18 +227,19 @@ def add_patient_samples(c: Collector, index: MimicIndex, subject: str, studies: 
         common = dict(split=split, patient=patient_id(subject), study=study, labels=labels, report=report)
         for i in ids:
             c.add("single_image", {**fields, "images": 1}, [(i, "current")], **common)
-        # the test split: one instance of each scenario per frontal image of the study
-        copies = sum(index.images[d].view in FRONTAL for d in dicoms) if split == "test" else 1
-        current = [(i, "current") for i in ids]
+        # the test split: one instance of each scenario per frontal image of the study, that image first
+        frontal = [i for i, d in zip(ids, dicoms) if index.images[d].view in FRONTAL]
+        leads = frontal if split == "test" else ids[:1]
+        views = [[(lead, "current")] + [(i, "current") for i in ids if i != lead] for lead in leads]
         if len(ids) > limits.max_images_multi_image:
             excluded[f"multi-image: study of more than {limits.max_images_multi_image} images"] += 1
         else:
-            for _ in range(copies):
+            for current in views:
                 c.add("multi_image", {**fields, "images": len(ids)}, current, **common)
         prior = studies[position - 1] if position else None
         if prior is None or prior not in reports:
             if split == "test" and len(ids) <= limits.max_images_multi_image:
-                for _ in range(copies):  # no prior study: the follow-up alone, asked as multi-image
+                for current in views:  # no prior study: the follow-up alone, asked as multi-image
                     c.add("multi_study", {**fields, "images": len(ids)}, current, template="multi_image", **common)
             elif prior is not None:
                 excluded["multi-study: the previous study has no usable FINDINGS"] += 1
@@ -247,7 +249,7 @@ def add_patient_samples(c: Collector, index: MimicIndex, subject: str, studies: 
             excluded[f"multi-study: more than {limits.max_images_multi_study} images in the two studies"] += 1
             continue
         prior_ids = [index.register(c, d) for d in prior_dicoms]
-        for _ in range(copies):
+        for current in views:
             c.add("multi_study", {**fields, "prior_images": len(prior_ids), "prior_report": reports[prior][0],
                                   "follow_up_images": len(ids)},
                   [(i, "prior") for i in prior_ids] + current, prior_report=reports[prior][0], **common)
