@@ -580,9 +580,11 @@ def test_a_killed_vllm_engine_gets_503s_until_serve_replaces_its_replica(service
     assert status == 200
     actor, pid = replica()
     children = psutil.Process(pid).children()
-    engines = [c for c in children if "EngineCore" in " ".join(c.cmdline()) + c.name()]
-    if not engines:  # vLLM titles it VLLM::EngineCore when setproctitle can rewrite argv; else the
-        # replica's one spawned child besides multiprocessing's resource tracker
+    # vLLM titles it VLLM::EngineCore: in the command line when setproctitle can rewrite argv, in
+    # the 15-character process name ("VLLM::EngineCor") always; failing both, the replica's one
+    # spawned child besides multiprocessing's resource tracker
+    engines = [c for c in children if "EngineCor" in " ".join(c.cmdline()) + " " + c.name()]
+    if not engines:
         engines = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
     assert len(engines) == 1, [(c.name(), c.cmdline()) for c in children]
     engines[0].send_signal(signal.SIGKILL)

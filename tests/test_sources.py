@@ -102,15 +102,19 @@ def test_mimic_cxr_scenarios_rules_and_time_order(collected):
 def test_mimic_cxr_test_study_with_two_frontal_views_is_two_instances(tmp_path, monkeypatch):
     """The paper's test set has one multi-image and one multi-study instance per frontal image:
     a test study with a PA, an AP and a lateral view gives two of each, each led by its own
-    frontal view, the rest in study order; its single-image instances are its three images."""
+    frontal view, the rest in study order; its single-image instances are its three images. A test
+    study without a frontal view is in no multi-image or multi-study instance, and is counted."""
     studies = {**F.MIMIC_STUDIES, "10000002": F.MIMIC_STUDIES["10000002"] + [
         ("50000014", 21900501, "100000.0", [(22, "PA"), (23, "AP"), (24, "LATERAL")],
-         "Mild pulmonary edema persists. No pleural effusion.", "test")]}
+         "Mild pulmonary edema persists. No pleural effusion.", "test"),
+        ("50000015", 21900601, "100000.0", [(25, "LATERAL")], "No pleural effusion.", "test")]}
     monkeypatch.setattr(F, "MIMIC_STUDIES", studies)
     (c,) = run_adapters({"mimic_cxr": F.mimic_cxr(tmp_path)}, DataConfig(image_size=64), progress=False)
-    # the other test studies as in the test above (4 single-image, 2 + 2 multi): 3 + 2 + 2 more
+    # the other test studies as in the test above (4 single-image, 2 + 2 multi): 3 + 2 + 2 more for
+    # 50000014; 50000015, a lateral view alone, is one single-image instance and no other
     assert {k: v for k, v in counts(c).items() if k[1] == "test"} == \
-        {("single_image", "test"): 7, ("multi_image", "test"): 4, ("multi_study", "test"): 4}
+        {("single_image", "test"): 8, ("multi_image", "test"): 4, ("multi_study", "test"): 4}
+    assert c.excluded["test multi-image and multi-study: study without a frontal image"] == 1
     ids = lambda s: [i["image_id"].removeprefix("mimic_")[:8] for i in s.images]  # noqa: E731
     new = [s for s in by_task(c, "multi_image", "test") if s.study_id == "50000014"]
     assert [ids(s) for s in new] == [["00000016", "00000017", "00000018"], ["00000017", "00000016", "00000018"]]

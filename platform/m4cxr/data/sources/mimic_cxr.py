@@ -230,16 +230,18 @@ def add_patient_samples(c: Collector, index: MimicIndex, subject: str, studies: 
         # the test split: one instance of each scenario per frontal image of the study, that image first
         frontal = [i for i, d in zip(ids, dicoms) if index.images[d].view in FRONTAL]
         leads = frontal if split == "test" else ids[:1]
-        views = [[(lead, "current")] + [(i, "current") for i in ids if i != lead] for lead in leads]
+        if not leads:
+            excluded["test multi-image and multi-study: study without a frontal image"] += 1
+        orders = [[(lead, "current")] + [(i, "current") for i in ids if i != lead] for lead in leads]
         if len(ids) > limits.max_images_multi_image:
             excluded[f"multi-image: study of more than {limits.max_images_multi_image} images"] += 1
         else:
-            for current in views:
+            for current in orders:
                 c.add("multi_image", {**fields, "images": len(ids)}, current, **common)
         prior = studies[position - 1] if position else None
         if prior is None or prior not in reports:
             if split == "test" and len(ids) <= limits.max_images_multi_image:
-                for current in views:  # no prior study: the follow-up alone, asked as multi-image
+                for current in orders:  # no prior study: the follow-up alone, asked as multi-image
                     c.add("multi_study", {**fields, "images": len(ids)}, current, template="multi_image", **common)
             elif prior is not None:
                 excluded["multi-study: the previous study has no usable FINDINGS"] += 1
@@ -249,7 +251,7 @@ def add_patient_samples(c: Collector, index: MimicIndex, subject: str, studies: 
             excluded[f"multi-study: more than {limits.max_images_multi_study} images in the two studies"] += 1
             continue
         prior_ids = [index.register(c, d) for d in prior_dicoms]
-        for current in views:
+        for current in orders:
             c.add("multi_study", {**fields, "prior_images": len(prior_ids), "prior_report": reports[prior][0],
                                   "follow_up_images": len(ids)},
                   [(i, "prior") for i in prior_ids] + current, prior_report=reports[prior][0], **common)
