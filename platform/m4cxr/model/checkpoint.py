@@ -32,6 +32,10 @@ from m4cxr.model.projector import CAbstractor
 from m4cxr.model.tokenizer import load_tokenizer
 from m4cxr.model.vision import VisionEncoder
 
+# 2: the authors' architecture (SiLU in the C-Abstractor's squeeze-excitation, timm's names,
+# vision features before the encoder's final layernorm) and their prompt format
+FORMAT = "m4cxr-checkpoint-2"
+
 
 def save_checkpoint(model: M4CXR, exp: Experiment, folder: str | Path) -> Path:
     folder = Path(folder)
@@ -43,7 +47,7 @@ def save_checkpoint(model: M4CXR, exp: Experiment, folder: str | Path) -> Path:
     from_config = bool(exp.model.llm_config) or any(
         "llm" in getattr(exp.train, stage).trainable for stage in ("pretrain", "instruction"))
     info = {
-        "format": "m4cxr-checkpoint-1",
+        "format": FORMAT,
         "image_size": model.image_size, "image_mean": model.image_mean, "image_std": model.image_std,
         "box_convention": model.box_convention,
         "projector": {"num_input_tokens": proj.pos_emb.shape[1], "encoder_dim": proj.pos_emb.shape[2],
@@ -76,7 +80,16 @@ def read_info(folder: str | Path) -> dict:
     folder = Path(folder)
     if not (folder / "m4cxr.json").is_file():
         raise FileNotFoundError(f"{folder}: not an M4CXR checkpoint (no m4cxr.json)")
-    return json.loads((folder / "m4cxr.json").read_text())
+    info = json.loads((folder / "m4cxr.json").read_text())
+    if info.get("format") != FORMAT:
+        # an earlier version's model: ReLU in the squeeze-excitation, vision features after the
+        # final layernorm, other prompts. Its weights would load and answer wrongly.
+        raise ValueError(
+            f"{folder} is a checkpoint of format {info.get('format')!r}, written by an earlier version of this "
+            f"platform whose projector, vision features and prompts differ from the authors' model ({FORMAT}). "
+            "Its weights cannot be reused here: train it again (m4cxr train, or m4cxr quickstart), or start "
+            "from the authors' release with m4cxr model import.")
+    return info
 
 
 def read_experiment(folder: str | Path) -> Experiment:

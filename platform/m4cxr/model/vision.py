@@ -2,7 +2,9 @@
 
 Real runs load it from a hub id (`microsoft/rad-dino`) or a local folder; tiny runs and the
 full-size summary build the same class from a config with random weights. The projector gets
-the last layer's patch tokens without the CLS token: (518 / 14)^2 = 1369 tokens at 518 px.
+the last layer's patch tokens without the CLS token, taken *before* Dinov2Model's final
+layernorm (`hidden_states[-1]`, as the authors' Honeybee code does): (518 / 14)^2 = 1369 tokens
+at 518 px.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class VisionEncoder(nn.Module):
         return (image_size // self.patch_size) ** 2
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, H, W) -> (images, patches, hidden): last layer, CLS dropped."""
-        hidden = self.model(pixel_values=pixel_values).last_hidden_state
+        """(images, 3, H, W) -> (images, patches, hidden): the last layer's output before the final
+        layernorm, CLS dropped."""
+        hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
         return hidden[:, 1:]
 
 
