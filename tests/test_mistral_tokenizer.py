@@ -1,18 +1,25 @@
 """The real tokenizer of Mistral-7B-Instruct-v0.2, built from the SentencePiece model that
-mistral-common ships (tokenizer.model.v1, 32,000 pieces): our chat encoding equals
-mistral-common's reference encoding, the loss covers exactly the assistant turns, and `<image>`
-expands to the visual tokens without moving any other id."""
+mistral-common ships (tokenizer.model.v1, 32,000 pieces): every task's ids equal the authors'
+encoding, i.e. their template text (written out in tests/test_templates.py) in their Mistral
+format, split at <image>, [INST] and [/INST], each piece encoded by SentencePiece itself; the
+loss covers exactly the answers; `<image>` expands to the visual tokens without moving any
+other id."""
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from m4cxr.data.templates import cot_candidates, render_conversation
+from m4cxr.data.templates import cot_candidates, render_conversation, task_names
 from m4cxr.model.tokenizer import IGNORE, encode_conversation, image_token_id, load_tokenizer
 
-mistral_common = pytest.importorskip("mistral_common")
+from test_templates import AUTHORS, FIELDS, expected_turns
 
+mistral_common = pytest.importorskip("mistral_common")
+SENTENCEPIECE_MODEL = Path(mistral_common.__file__).parent / "data/tokenizer.model.v1"
+SYSTEM = ("The following is a conversation between a curious human and an AI medical assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 SCENARIOS = ("single_image", "multi_image", "multi_study")
 
 
@@ -22,7 +29,7 @@ def mistral_folder(tmp_path_factory) -> Path:
     from transformers import LlamaTokenizer
 
     raw = tmp_path_factory.mktemp("sentencepiece")
-    shutil.copy(Path(mistral_common.__file__).parent / "data/tokenizer.model.v1", raw / "tokenizer.model")
+    shutil.copy(SENTENCEPIECE_MODEL, raw / "tokenizer.model")
     out = tmp_path_factory.mktemp("mistral-7b-instruct-v0.2")
     LlamaTokenizer.from_pretrained(raw).save_pretrained(out)
     return out
@@ -33,30 +40,46 @@ def tok(mistral_folder):
     return load_tokenizer(str(mistral_folder))
 
 
-def reference_ids(conversation: list[dict]) -> list[int]:
-    """mistral-common's encoding of a conversation: a trailing user turn is the generation prompt
-    (its serving mode), a trailing answer a training sample (its fine-tuning mode)."""
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.protocol.instruct.validator import ValidationMode
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+def authors_text(turns: list[dict]) -> str:
+    """Their Mistral template: <s>[INST] SYSTEM + " " + question [/INST]answer</s>[INST] ..."""
+    text, first = "<s>", True
+    for t in turns:
+        if t["role"] == "user":
+            text += "[INST] " + (SYSTEM + " " if first else "") + t["content"] + " [/INST]"
+            first = False
+        else:
+            text += t["content"] + "</s>"
+    return text
 
-    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-    messages = [kinds[t["role"]](content=t["content"]) for t in conversation]
-    mode = ValidationMode.finetuning if conversation[-1]["role"] == "assistant" else ValidationMode.test
-    reference = MistralTokenizer.from_file(str(Path(mistral_common.__file__).parent / "data/tokenizer.model.v1"),
-                                           mode=mode)
-    return reference.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+
+def sentencepiece_ids(text: str, tokens_per_image: int) -> tuple[list[int], list[int]]:
+    """Their encoding of `text`: pieces split at <image>, [INST], [/INST], each encoded by
+    SentencePiece (<s> and </s> as ids 1 and 2); the piece after [/INST] is the answer."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SENTENCEPIECE_MODEL))
+    ids, answer_ids = [], []
+    pieces = [p for p in re.split(r"(<image>|\[INST\]|\[/INST\])", text) if p]
+    for i, piece in enumerate(pieces):
+        if piece == "<image>":
+            ids += [32_000] * tokens_per_image
+            continue
+        if piece == "<s>":
+            ids.append(1)
+            continue
+        body, eos = (piece[:-4], [2]) if piece.endswith("</s>") else (piece, [])
+        encoded = sp.encode(body) + eos
+        ids += encoded
+        if pieces[i - 1] == "[/INST]":
+            answer_ids += encoded
+    return ids, answer_ids
 
 
 def conversations(text_only: bool) -> dict[str, list[dict]]:
-    """Every report-generation scenario (CoT: findings, then the report) and a VQA turn, as the
-    templates render them; text_only drops the image placeholders."""
-    fields = {"images": 2, "findings": cot_candidates(), "positives": ["Cardiomegaly", "Pleural Effusion"],
-              "report": "The heart is enlarged. There is a small left pleural effusion.", "prior_images": 1,
-              "prior_report": "No acute cardiopulmonary process.", "follow_up_images": 2,
-              "question": "Is there a pneumothorax?", "answer": "no"}
-    out = {task: render_conversation(task, fields) for task in SCENARIOS + ("vqa",)}
+    """Every task (report generation with CoT and without) rendered from the test fields; text_only
+    drops the image placeholders."""
+    out = {task: render_conversation(task, FIELDS) for task in task_names()}
+    out.update({f"{task}/no_cot": render_conversation(task, FIELDS, cot=False) for task in SCENARIOS})
     if text_only:
         for conv in out.values():
             for turn in conv:
@@ -70,24 +93,59 @@ def test_the_tokenizer_is_mistrals_with_one_image_token_added(tok):
     assert tok.convert_ids_to_tokens(28705) == "▁"  # a real SentencePiece piece, not a tiny BPE's
 
 
-@pytest.mark.parametrize("task", SCENARIOS + ("vqa",))
-def test_encoding_equals_mistral_commons_for_every_scenario(tok, task):
-    conv = conversations(text_only=True)[task]
-    ids, labels = encode_conversation(tok, conv, tokens_per_image=361)
-    # the whole conversation: mistral-common ends a finished conversation with the last answer's </s>
-    assert ids == reference_ids(conv)
-    # the generation prompt at each user turn: the conversation so far, ending in [/INST]
-    for end in range(2, len(conv) + 1, 2):
-        prompt, _ = encode_conversation(tok, conv[:end], 361, for_generation=True)
-        assert prompt == reference_ids(conv[:end]), (task, end)
-    # the loss covers exactly the assistant turns, each with its </s>
-    answers = [t["content"] for t in conv if t["role"] == "assistant"]
-    expected = [i for a in answers for i in tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    assert [i for i, y in zip(ids, labels) if y != IGNORE] == expected
+@pytest.mark.parametrize("task", sorted(AUTHORS))
+def test_every_tasks_ids_are_the_authors_encoding_of_their_template(tok, task):
+    turns = expected_turns(task)  # the authors' template text, filled by hand
+    text = authors_text(turns)
+    conv = render_conversation(task, FIELDS)
+    ids, labels = encode_conversation(tok, conv, tokens_per_image=3)
+    expected, answers = sentencepiece_ids(text, 3)
+    assert ids == expected
+    # the lone "▁" (28705) after [INST], after an image followed by a word, and before [/INST]
+    inst = [i for i in range(len(ids) - 3) if ids[i:i + 3] == [733, 16289, 28793]]
+    assert inst and all(ids[i + 3] == 28705 for i in inst)
+    assert all(ids[i - 1] == 28705 for i in range(1, len(ids) - 3) if ids[i:i + 4] == [733, 28748, 16289, 28793])
+    if text.count("<image>") == 1:
+        assert ids[ids.index(32_000) + 3] == 28705
+    # the loss covers exactly the answers, each with its </s>
+    assert [i for i, y in zip(ids, labels) if y != IGNORE] == answers
     assert all(y in (IGNORE, i) for i, y in zip(ids, labels))
+    # the generation prompt at each question: the conversation so far, ending in [/INST]
+    for k, turn in enumerate(turns):
+        if turn["role"] == "user":
+            prompt, _ = encode_conversation(tok, conv[:k + 2], 3, for_generation=True)
+            assert prompt == sentencepiece_ids(authors_text(turns[:k + 1]), 3)[0], (task, k)
 
 
-@pytest.mark.parametrize("task", SCENARIOS + ("vqa",))
+@pytest.mark.parametrize("task", SCENARIOS)
+def test_report_questions_without_cot_are_the_authors(tok, task):
+    authors = {"single_image": "radiology image: <image> Provide a description of the findings in the radiology image.",
+               "multi_image": "radiology images: <image> <image> Provide a description of the findings in the radiology images.",
+               "multi_study": "prior radiology images: <image> <image> <image>, prior radiology report: Clear lungs. "
+                              "follow-up images: <image> <image>, The radiology studies are given in chronological order. "
+                              "Provide a description of the findings in the current follow-up radiology images."}[task]
+    ids, _ = encode_conversation(tok, render_conversation(task, FIELDS, cot=False), tokens_per_image=3)
+    text = authors_text([{"role": "user", "content": authors}, {"role": "assistant", "content": FIELDS["report"]}])
+    assert ids == sentencepiece_ids(text, 3)[0]
+
+
+def test_words_split_as_sentencepiece_splits_them_on_real_reports(tok):
+    """3,080 real reports (IU X-ray, ../shared/data/real) and spaces in every position: the
+    transformers tokenizer gives SentencePiece's ids."""
+    import csv
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SENTENCEPIECE_MODEL))
+    texts = [" The heart", "  two  spaces ", "a   b", "x\n  y", "\ttab", " ", "   ", "ünïcode – 😀 "]
+    reports = Path(__file__).resolve().parents[2] / "shared/data/real/iu_reports_dev/reports_with_gold.csv"
+    if reports.is_file():
+        texts += [row["findings"] for row in csv.DictReader(reports.open())]
+    differ = [t for t in texts if tok(t, add_special_tokens=False)["input_ids"] != sp.encode(t)]
+    assert not differ, differ[:3]
+
+
+@pytest.mark.parametrize("task", sorted(conversations(text_only=False)))
 def test_image_placeholders_expand_without_moving_other_ids(tok, task):
     conv = conversations(text_only=False)[task]
     image = image_token_id(tok)

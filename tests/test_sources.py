@@ -88,9 +88,9 @@ def test_mimic_cxr_scenarios_rules_and_time_order(collected):
     assert count_images(test_pair.turns) == 4
     # Chain-of-thought answers: the label file (uncertain counts as absent), else the labeler.
     answers = {s.study_id: s.turns[2]["content"] for s in by_task(c, "single_image")}
-    assert answers["50000001"] == "Pleural Effusion."
-    assert answers["50000011"] == "Edema."  # Atelectasis is -1 in the file
-    assert answers["50000013"] == "Edema, Atelectasis."  # not in the file: the labeler
+    assert answers["50000001"] == "pleural effusion."
+    assert answers["50000011"] == "edema."  # Atelectasis is -1 in the file
+    assert answers["50000013"] == "edema, atelectasis."  # not in the file: the labeler
     assert answers["50000022"] == "Not found."
     multi = by_task(c, "multi_image", "train")
     assert all(s.images[0]["image_id"] in {f"mimic_{F.dicom_id(1)}", f"mimic_{F.dicom_id(3)}"} for s in multi)
@@ -129,10 +129,10 @@ def test_mimic_cxr_test_study_with_two_frontal_views_is_two_instances(tmp_path, 
 def test_ms_cxr_phrases_with_several_boxes(collected):
     c = collected[1]["ms_cxr"]
     train = by_task(c, "phrase_grounding", "train")[0]
-    assert train.turns[-1]["content"] == "[25,25,50,50], [50,50,75,75]"  # 64 x 80 image, two boxes
+    assert train.turns[-1]["content"] == "[25,25,50,50], [50,50,75,75]."  # 64 x 80 image, two boxes
     assert [b["box"] for b in train.boxes] == [[16, 20, 32, 40], [32, 40, 48, 60]]
     generation = by_task(c, "grounded_phrase_generation", "train")[0]
-    assert "[25,25,75,75]" in generation.turns[1]["content"] and generation.answer == "Left pleural effusion"
+    assert "[25,25,75,75]" in generation.turns[1]["content"] and generation.answer == "Left pleural effusion."
     assert {s.split for s in c.samples} == {"train", "validate", "test"}
     assert by_task(c, "phrase_grounding", "test")[0].patient_id == "mimic_10000002"
 
@@ -154,7 +154,7 @@ def test_imagenome_regions_are_clamped_and_limited_to_the_29(collected):
 def test_vqa_datasets(collected):
     _, by_name = collected
     vqa = by_name["mimic_cxr_vqa"]
-    assert sorted(s.answer for s in by_task(vqa, "vqa", "train")) == ["lung opacity, pleural effusion", "yes"]
+    assert sorted(s.answer for s in by_task(vqa, "vqa", "train")) == ["lung opacity, pleural effusion.", "yes."]
     assert vqa.excluded == {"question without an answer": 1}
     diff = by_name["mimic_diff_vqa"]
     pair = by_task(diff, "difference_vqa", "train")[0]
@@ -168,7 +168,7 @@ def test_vqa_datasets(collected):
     assert all(count_images(s.turns) == 1 for s in radialog.samples)
     assert by_task(radialog, "visual_instruction_following", "test")  # the MIMIC split of its image
     slake = by_name["slake"]
-    assert [(s.answer, s.split) for s in slake.samples] == [("Yes", "test"), ("No", "test")]
+    assert [(s.answer, s.split) for s in slake.samples] == [("Yes.", "test"), ("No.", "test")]
     assert slake.excluded == {"not English": 1, "not an X-ray": 1, "open-ended question": 1}
 
 
@@ -189,7 +189,7 @@ def test_vindr_merges_overlapping_boxes_and_takes_the_majority_label(collected):
 def test_chestx_ray14_boxes_and_negatives(collected):
     c = collected[1]["chestx_ray14"]
     multi = {s.images[0]["image_id"]: s for s in by_task(c, "multi_finding_grounding")}
-    assert multi["chestx_ray14_00000001_000"].answer == "Cardiomegaly [31,47,94,78], Effusion [62,78,88,94]."
+    assert multi["chestx_ray14_00000001_000"].answer == "cardiomegaly [31,47,94,78], effusion [62,78,88,94]."
     assert multi["chestx_ray14_00000002_000"].answer == "Not found."
     assert "chestx_ray14_00000004_000" not in multi  # Mass has no box
     grounding = {s.images[0]["image_id"]: s for s in by_task(c, "finding_grounding")}
@@ -212,7 +212,7 @@ def test_jsrt_circles_become_boxes(collected):
     radius = 14 / 0.175 / 2  # 14 mm at 0.175 mm per pixel
     assert boxes["jsrt_JPCLN001"] == [1634 - radius, 692 - radius, 1634 + radius, 692 + radius]
     normal = [s for s in by_task(c, "finding_grounding") if s.images[0]["image_id"] == "jsrt_JPCNN001"][0]
-    assert normal.answer == "Not found."
+    assert normal.answer == "Not present."
 
 
 def test_siim_rle_masks_become_boxes(collected):
@@ -241,10 +241,10 @@ def test_rsna_keeps_lung_opacity_and_normal(collected):
     c = collected[1]["rsna"]
     assert c.excluded == {"class 'No Lung Opacity / Not Normal' (only Lung Opacity and Normal are used)": 1}
     detection = by_task(c, "abnormality_detection")[0]
-    assert detection.answer == f"[{16},{31},{39},{70}], [{62},{34},{84},{66}]"
+    assert detection.answer == f"[{16},{31},{39},{70}], [{62},{34},{84},{66}]."
     assert {b["label"] for b in detection.boxes} == {"Pneumonia"}
     normal = [s for s in by_task(c, "finding_grounding") if s.images[0]["image_id"] == "rsna_r2"][0]
-    assert normal.answer == "Not found."
+    assert normal.answer == "Not present."
 
 
 def test_covid19_radiography_lungs_and_the_region_rule(collected):
@@ -256,7 +256,7 @@ def test_covid19_radiography_lungs_and_the_region_rule(collected):
     expected = {"right lung": [6, 6, 21, 42], "left lung": [27, 6, 42, 42]}  # the 32 px mask scaled to 48 px
     assert organs and all(expected[name] == box for name, box in organs.items())
     labels = {s.images[0]["image_id"]: s.answer for s in by_task(c, "disease_classification")}
-    assert labels["covid19_radiography_COVID-1"] == "COVID-19."
+    assert labels["covid19_radiography_COVID-1"] == "covid-19."
     assert labels["covid19_radiography_Normal-1"] == "Not found."
 
 
@@ -275,10 +275,10 @@ def test_covid_qu_ex_and_qata_overlap(collected):
 def test_brax_and_chexpert_labels(collected):
     _, by_name = collected
     brax = {s.patient_id: s for s in by_name["brax"].samples}
-    assert brax["brax_P1"].answer == "Cardiomegaly."  # Edema is uncertain: absent
+    assert brax["brax_P1"].answer == "cardiomegaly."  # Edema is uncertain: absent
     assert by_name["brax"].images["brax_Study_2_Series_2_image-2"].path.endswith(".dcm")  # no PNG: the DICOM
     chexpert = {s.patient_id: s for s in by_name["chexpert"].samples}
-    assert chexpert["chexpert_patient00001"].answer == "Cardiomegaly."
+    assert chexpert["chexpert_patient00001"].answer == "cardiomegaly."
     assert chexpert["chexpert_patient64541"].split == "validate"
 
 
@@ -327,5 +327,5 @@ def test_ms_cxr_without_a_split_column_takes_the_mimic_split(tmp_path):
     c = Collector("ms_cxr", tmp_path / "ms", context=PrepareContext({"mimic_cxr": mimic}))
     ms_cxr.read(c)
     splits = {s.answer: s.split for s in by_task(c, "grounded_phrase_generation")}
-    assert splits == {"Right basilar atelectasis": "test", "Left effusion": "train"}
+    assert splits == {"Right basilar atelectasis.": "test", "Left effusion.": "train"}
     assert any("no split column" in note for note in c.notes)

@@ -59,7 +59,7 @@ def test_reports_labels_and_comparisons(synthetic_corpus):
             assert not any(v in (1, -1) for k, v in s.labels.items() if k not in ("No Finding", "Support Devices"))
         # the CoT answer lists the positive observations (never uncertain ones) in candidate order
         positives = [c for c in cot_candidates() if s.labels.get(c) == 1]
-        assert s.turns[2]["content"] == (", ".join(positives) + "." if positives else "Not found.")
+        assert s.turns[2]["content"] == (", ".join(positives).lower() + "." if positives else "Not found.")
     by_study = {s.study_id: s.report for s in reports}
     assert len(set(by_study.values())) > 0.8 * len(by_study)  # varied phrasing
     assert any(v == -1 for s in reports for v in s.labels.values())  # hedges exist

@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+# the authors' system message: their model was trained with it before every first question
 DEFAULT_SYSTEM_PROMPT = (
-    "You are an AI medical assistant specialised in chest X-ray interpretation. "
-    "Give helpful and detailed answers to the user's questions."
+    "The following is a conversation between a curious human and an AI medical assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 

@@ -1,6 +1,7 @@
-"""The 17 task templates of the paper (Table 9), rendered into conversations.
+"""The 17 task templates in the authors' prompt format, rendered into conversations.
 
-One renderer for every task, driven by resources/tasks.yaml (the paper's Tables 8-9 as data).
+One renderer for every task, driven by resources/tasks.yaml (the paper's Table 8, with the
+wording and answer forms of the authors' training code).
 A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}; each image
 appears as one "<image>" placeholder in a user turn, in the order of the sample's images.
 """
@@ -18,7 +19,6 @@ from m4cxr.config import DEFAULT_SYSTEM_PROMPT
 from m4cxr.data.boxes import format_box, format_boxes
 
 IMAGE = "<image>"
-IMAGE_SEPARATOR = "\n"  # between the placeholders of several images (the paper leaves it open)
 NOT_FOUND = "Not found."
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 IMAGE_FIELDS = ("images", "prior_images", "follow_up_images")
@@ -60,14 +60,19 @@ def _task(task: str) -> dict[str, Any]:
 
 
 def findings_answer(positives: Sequence[str], candidates: Sequence[str] | None = None) -> str:
-    """The chain-of-thought answer: positive findings in candidate-list order, ending with a
-    period; "Not found." when nothing is positive."""
+    """The chain-of-thought answer, as the authors write it: positive findings lower-case, in
+    candidate-list order, ending with a period; "Not found." when nothing is positive."""
     if candidates is not None:
         unknown = [p for p in positives if p not in candidates]
         if unknown:
             raise ValueError(f"findings {unknown} are not among the candidates {list(candidates)}")
         positives = [c for c in candidates if c in set(positives)]
-    return ", ".join(positives) + "." if positives else NOT_FOUND
+    return names_list(positives) + "." if positives else NOT_FOUND
+
+
+def names_list(names: Sequence[str]) -> str:
+    """Finding names as the authors' prompts and answers write them: lower-case, ", "-joined."""
+    return ", ".join(name.lower() for name in names)
 
 
 def positive_findings(labels: dict[str, int], candidates: Sequence[str]) -> list[str]:
@@ -76,18 +81,36 @@ def positive_findings(labels: dict[str, int], candidates: Sequence[str]) -> list
     return [name for name in candidates if labels.get(name) == 1]
 
 
-def boxes_answer(boxes: Sequence[Sequence[int]]) -> str:
-    return format_boxes(boxes) if boxes else NOT_FOUND
-
-
-def findings_with_boxes_answer(items: Sequence[tuple[str, Sequence[Sequence[int]]]]) -> str:
-    """[("Cardiomegaly", [box]), ("Nodule", [box, box])] -> "Cardiomegaly [..], Nodule [..], [..]." """
-    if not items:
-        return NOT_FOUND
-    return ", ".join(f"{name} {format_boxes(boxes)}" for name, boxes in items) + "."
+def findings_with_boxes(items: Sequence[tuple[str, Sequence[Sequence[int]]]]) -> str:
+    """[("Cardiomegaly", [box]), ("Nodule", [box, box])] -> "cardiomegaly [..], nodule [..], [..]" """
+    return ", ".join(f"{name.lower()} {format_boxes(boxes)}" for name, boxes in items)
 
 
 # ----------------------------------------------------------------------------- rendering
+
+ANSWER_LISTS = ("findings", "bbox", "findings_with_bboxes")  # empty -> the task's negative answer
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (not isinstance(value, (int, float)) and len(value) == 0)
+
+
+def _value(key: str, v: Any, role: str, task: str) -> str:
+    if key in IMAGE_FIELDS:
+        count = v if isinstance(v, int) else len(v)
+        if count < 1:
+            raise ValueError(f"task {task!r}: '{key}' needs at least one image")
+        return " ".join([IMAGE] * count)
+    if isinstance(v, str):
+        # a phrase answer gets the template's period; finding and organ names are lower-case
+        return v.rstrip(".") if key == "phrase" and role == "assistant" else v.lower() if key in ("finding", "organ") else v
+    if key == "findings":
+        return names_list(v)
+    if key == "bbox":
+        return format_box(v) if v and isinstance(v[0], (int, float)) else format_boxes(v)
+    if key == "findings_with_bboxes":
+        return findings_with_boxes(v)
+    return str(v)
 
 
 def _fill(text: str, fields: dict[str, Any], role: str, task: str) -> str:
@@ -95,26 +118,7 @@ def _fill(text: str, fields: dict[str, Any], role: str, task: str) -> str:
         key = match.group(1)
         if key not in fields:
             raise KeyError(f"task {task!r}: the template needs {{{key}}} but the sample has no '{key}'")
-        v = fields[key]
-        if key in IMAGE_FIELDS:
-            count = v if isinstance(v, int) else len(v)
-            if count < 1:
-                raise ValueError(f"task {task!r}: '{key}' needs at least one image")
-            return IMAGE_SEPARATOR.join([IMAGE] * count)
-        if key == "findings":
-            if role == "user":  # the candidate list
-                return ", ".join(v)
-            return v if isinstance(v, str) else findings_answer(v)
-        if key == "bbox":
-            if role == "user":
-                return v if isinstance(v, str) else format_box(v)
-            if isinstance(v, str):
-                return v
-            boxes = [v] if v and isinstance(v[0], (int, float)) else list(v)
-            return boxes_answer(boxes)
-        if key == "findings_with_bboxes":
-            return v if isinstance(v, str) else findings_with_boxes_answer(v)
-        return str(v)
+        return _value(key, fields[key], role, task)
 
     return PLACEHOLDER.sub(value, text)
 
@@ -139,17 +143,18 @@ def render_conversation(
     turns = [{"role": "system", "content": system_prompt}]
     template = spec["turns"]
     if spec["type"] == "mrg" and not cot:
-        # Single-turn report generation: the image part of turn 1, then the report question.
-        first = template[0]["user"].split(" Which of the following")[0]
-        first = first.replace(" The radiology studies are given in chronological order.", "")
-        template = [{"user": f"{first} {template[2]['user'].replace('Based on the previous conversation provide', 'Provide')}"},
-                    {"assistant": template[3]["assistant"]}]
+        template = [{"user": spec["single_turn"]}, {"assistant": "{report}"}]
     answer_fields = dict(fields)
     if "positives" in fields:
-        answer_fields["findings"] = findings_answer(fields["positives"], fields.get("findings"))
+        answer_fields["findings"] = [c for c in fields.get("findings", fields["positives"]) if c in set(fields["positives"])]
     for turn in template:
         (role, text), = turn.items()
-        turns.append({"role": role, "content": _fill(text, fields if role == "user" else answer_fields, role, task)})
+        if role == "assistant" and any(_empty(answer_fields.get(k, "-")) for k in PLACEHOLDER.findall(text)
+                                       if k in ANSWER_LISTS):
+            content = spec.get("negative", NOT_FOUND)
+        else:
+            content = _fill(text, fields if role == "user" else answer_fields, role, task)
+        turns.append({"role": role, "content": content})
     for question, answer in follow_ups:
         turns.append({"role": "user", "content": question})
         turns.append({"role": "assistant", "content": answer})

@@ -1,34 +1,44 @@
-"""Tokenizer and chat format.
+"""Tokenizer and the authors' chat format.
 
-Real runs use the LLM's own tokenizer (Mistral's, whose chat format is
-`<s>[INST] user [/INST] answer</s>[INST] ...`) plus an `<image>` placeholder token. Tiny runs
-train a small BPE tokenizer on the corpus text with the tokenizers library and give it the same
-Mistral-style chat template; it is saved with every checkpoint.
+Real runs use the LLM's own tokenizer (Mistral's) plus an `<image>` placeholder token. Tiny runs
+train a small BPE tokenizer on the corpus text with the tokenizers library; it is saved with
+every checkpoint.
 
-`encode_conversation` turns the rendered turns into token ids and labels: the loss covers the
-assistant turns (and their end-of-sequence token) only, and each `<image>` becomes as many
-image tokens as the projector outputs per image.
+The prompt format is the authors' (deepnoid-ai/M4CXR-TNNLS): the text
+
+    <s>[INST] {system} {user} [/INST]{answer}</s>[INST] {user} [/INST]{answer}</s>...
+
+is split at `<image>`, `[INST]` and `[/INST]` and each piece is encoded on its own, as their
+tokenizer does. With Mistral's SentencePiece vocabulary every piece gets SentencePiece's
+leading "▁", so a lone "▁" (id 28705) follows `[INST]` and each image and precedes `[/INST]`;
+`load_tokenizer` makes a transformers tokenizer split words exactly as SentencePiece does
+(tests/test_mistral_tokenizer.py holds every task's ids to SentencePiece itself). The loss
+covers the piece after each `[/INST]` (the answer and its `</s>`); each `<image>` becomes as
+many image tokens as the projector outputs per image.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Iterable, Sequence
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 IMAGE_TOKEN = "<image>"
 IGNORE = -100
+USER, ASSISTANT = "[INST]", "[/INST]"
+CHUNKS = re.compile(r"(<image>|\[INST\]|\[/INST\])")
 
-# Mistral's format; a system prompt goes before the first user message, as Mistral's own
-# template does.
+# The authors' Mistral template, the system message joined to the first question by one space.
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='') -%}"
     "{{- bos_token -}}"
     "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] + '\n\n' -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] + ' ' if m['content'] else '' -%}"
     "{%- elif m['role'] == 'user' -%}{{- '[INST] ' + ns.system + m['content'] + ' [/INST]' -}}{%- set ns.system = '' -%}"
-    "{%- else -%}{{- ' ' + m['content'] + eos_token -}}{%- endif -%}"
+    "{%- else -%}{{- m['content'] + eos_token -}}{%- endif -%}"
     "{%- endfor -%}"
 )
 
@@ -53,15 +63,30 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTra
     return fast
 
 
+def split_like_sentencepiece(tok: PreTrainedTokenizerBase) -> None:
+    """A tokenizer converted from a SentencePiece model (byte-fallback BPE, Mistral's and
+    Llama's) encodes as SentencePiece itself: a "▁" prefixed to the text, spaces as "▁", and
+    words split where SentencePiece splits them (a run of spaces before a word is a piece of its
+    own but for the last space, which starts the word). transformers' own conversion puts a
+    leading space into the first word instead ("▁The" for " The", where SentencePiece and the
+    authors' tokenizer give "▁", "▁The")."""
+    backend = tok.backend_tokenizer
+    if not json.loads(backend.to_str())["model"].get("byte_fallback"):
+        return  # not a SentencePiece vocabulary (e.g. the tiny BPE): left as it is
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("▁[^▁]+|▁+(?=▁[^▁])|▁+"), behavior="isolated")
+
+
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a hub id or folder, with the `<image>` token and a pad token added."""
+    """The tokenizer of a hub id or folder, with the `<image>` token and a pad token added,
+    splitting words as SentencePiece does where its vocabulary is SentencePiece's."""
     tok = AutoTokenizer.from_pretrained(source)
+    split_like_sentencepiece(tok)
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
-    if not tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
@@ -90,36 +115,48 @@ def _encode(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     return ids
 
 
+def chat_text(tok: PreTrainedTokenizerBase, turns: Sequence[dict]) -> str:
+    """The authors' text of a conversation: the system message goes before the first question,
+    joined by one space; an answer follows `[/INST]` directly and ends with `</s>`."""
+    text, system = tok.bos_token, ""
+    for turn in turns:
+        role, content = turn["role"], turn["content"]
+        if role == "system":
+            system = content + " " if content else ""
+        elif role == "user":
+            text += f"{USER} {system}{content} {ASSISTANT}"
+            system = ""
+        elif role == "assistant":
+            if IMAGE_TOKEN in content:
+                raise ValueError("an assistant turn must not contain <image>")
+            text += content + tok.eos_token
+        else:
+            raise ValueError(f"unknown role {role!r} in a conversation")
+    return text
+
+
 def encode_conversation(tok: PreTrainedTokenizerBase, turns: Sequence[dict], tokens_per_image: int,
                         for_generation: bool = False) -> tuple[list[int], list[int]]:
-    """Turns -> (input_ids, labels). Labels are IGNORE except on assistant tokens and their EOS.
-    With for_generation, a trailing assistant turn is left off (the model writes it)."""
+    """Turns -> (input_ids, labels), encoded piece by piece as the authors' tokenizer does.
+    Labels are IGNORE except on each answer and its `</s>`. With for_generation, a trailing
+    assistant turn is left off (the model writes it): the ids end with `[/INST]`."""
     turns = list(turns)
     if for_generation and turns and turns[-1]["role"] == "assistant":
         turns = turns[:-1]
     img = image_token_id(tok)
-    ids: list[int] = [tok.bos_token_id]
-    labels: list[int] = [IGNORE]
-    system = ""
-    for turn in turns:
-        role, content = turn["role"], turn["content"]
-        if role == "system":
-            system = content + "\n\n"
+    ids: list[int] = []
+    labels: list[int] = []
+    chunks = [c for c in CHUNKS.split(chat_text(tok, turns)) if c]
+    for i, chunk in enumerate(chunks):
+        if chunk == IMAGE_TOKEN:  # each <image> -> the projector's number of visual tokens
+            ids += [img] * tokens_per_image
+            labels += [IGNORE] * tokens_per_image
             continue
-        if role == "user":
-            piece = _encode(tok, "[INST] " + system + content + " [/INST]")
-            system = ""
-            expanded = []
-            for t in piece:  # each <image> -> the projector's number of visual tokens
-                expanded.extend([img] * tokens_per_image if t == img else [t])
-            ids += expanded
-            labels += [IGNORE] * len(expanded)
-        elif role == "assistant":
-            piece = _encode(tok, " " + content) + [tok.eos_token_id]
-            if img in piece:
-                raise ValueError("an assistant turn must not contain <image>")
+        piece = _encode(tok, chunk)
+        if i > 0 and chunks[i - 1] == ASSISTANT:  # an answer
             ids += piece
             labels += piece
         else:
-            raise ValueError(f"unknown role {role!r} in a conversation")
+            ids += piece
+            labels += [IGNORE] * len(piece)
     return ids, labels

@@ -2,8 +2,8 @@
 
 dataset/{train,valid,test}.json (also under MIMIC-Ext-MIMIC-CXR-VQA/) are JSON lists of
 questions with subject_id, study_id, image_id (the dicom_id), question and answer (a list of
-lower-case strings, joined here with ", "). Questions without an answer are left out, as the paper
-does for its test set. Images come from the mimic_cxr source.
+lower-case strings, joined here with ", " and ended with a period as the authors do). Questions
+without an answer are left out, as the paper does for its test set. Images come from the mimic_cxr source.
 """
 
 from __future__ import annotations
@@ -51,5 +51,5 @@ def read(c: Collector) -> None:
                 c.exclude("question without an answer")
                 continue
             image = index.register(c, dicom, split=split)
-            c.add("vqa", {"question": question, "answer": ", ".join(str(a) for a in answer)}, [(image, "current")],
+            c.add("vqa", {"question": question, "answer": ", ".join(str(a) for a in answer) + "."}, [(image, "current")],
                   split=split, patient=patient_id(subject), study=str(rec.get("study_id", "")))

@@ -38,5 +38,5 @@ def read(c: Collector) -> None:
             c.exclude("open-ended question")
         else:
             image = c.image(f"slake_{name.split('/')[0]}", folder / "imgs" / name, patient=f"slake_{img}", split="test")
-            c.add("vqa", {"question": question, "answer": answer}, [(image, "current")], split="test",
+            c.add("vqa", {"question": question, "answer": f"{answer}."}, [(image, "current")], split="test",
                   patient=f"slake_{img}", study=f"slake_{img}")
