@@ -8,6 +8,7 @@
     m4cxr data leakage DIR
     m4cxr data real-organs --coco FILE --images DIR --out DIR
     m4cxr model summary FILE [--json]
+    m4cxr model import --base DIR [--adapter DIR] --out DIR [--vision-config SRC] [--llm-config SRC]
     m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
     m4cxr eval --config FILE --checkpoint CKPT [--out DIR] [--corpus DIR]
     m4cxr sweep --config FILE [--name NAME]
@@ -163,6 +164,22 @@ def cmd_model_summary(args) -> int:
         print(f"  trainable in {stage}: {n:,}")
     print(f"  tokens per image: {info['encoder_tokens_per_image']} from the encoder, "
           f"{info['visual_tokens_per_image']} after the projector")
+    return 0
+
+
+def cmd_model_import(args) -> int:
+    from m4cxr.model.release import import_release
+
+    info = import_release(args.base, args.out, adapter=args.adapter, vision=args.vision_config, llm=args.llm_config,
+                          processor=args.processor, tokenizer=args.tokenizer)
+    print(f"imported {args.base}" + (f" + {args.adapter}" if args.adapter else "") + f" -> {info['checkpoint']}")
+    print("  tensors: " + ", ".join(f"{part} {n}" for part, n in info["tensors"].items()) + " (every one mapped and checked)")
+    lora = info["lora"]
+    print("  LoRA: " + (f"r {lora['r']}, alpha {lora['alpha']} on {', '.join(lora['target_modules'])}" if lora
+                        else "none (merged into the LLM)"))
+    i = info["image"]
+    print(f"  images: {i['image_size']} px, {i['box_convention']}, mean {i['image_mean'][0]}, std {i['image_std'][0]}; "
+          f"{info['projector']['num_query_tokens']} visual tokens per image; tokenizer from {info['tokenizer']}")
     return 0
 
 
@@ -349,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model_summary)
+    p = model.add_parser("import", help="the authors' published M4CXR (stage-1 folder, stage-2 adapter) as a checkpoint")
+    p.add_argument("--base", required=True, help="their stage-1 model folder, or one folder with the merged model")
+    p.add_argument("--adapter", help="their stage-2 PEFT adapter folder")
+    p.add_argument("--out", required=True, help="the checkpoint folder to write")
+    p.add_argument("--vision-config", help="Rad-DINO's folder or hub id (default: the one the release names)")
+    p.add_argument("--llm-config", help="Mistral's folder or hub id (default: the one the release names)")
+    p.add_argument("--processor", help="the image processor's folder (default: the release's, else Rad-DINO's)")
+    p.add_argument("--tokenizer", help="the tokenizer's folder (default: the release's)")
+    p.set_defaults(func=cmd_model_import)
 
     data = sub.add_parser("data", help="corpora").add_subparsers(dest="action", required=True)
     p = with_set(data.add_parser("synth", help="write the synthetic CXR world"))

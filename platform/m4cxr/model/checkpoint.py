@@ -46,17 +46,13 @@ def save_checkpoint(model: M4CXR, exp: Experiment, folder: str | Path) -> Path:
     # config, or a run that trained it fully
     from_config = bool(exp.model.llm_config) or any(
         "llm" in getattr(exp.train, stage).trainable for stage in ("pretrain", "instruction"))
-    info = {
-        "format": FORMAT,
-        "image_size": model.image_size, "image_mean": model.image_mean, "image_std": model.image_std,
-        "box_convention": model.box_convention,
-        "projector": {"num_input_tokens": proj.pos_emb.shape[1], "encoder_dim": proj.pos_emb.shape[2],
-                      "llm_dim": base.config.hidden_size, "hidden_size": exp.model.projector.hidden_size,
-                      "depth": exp.model.projector.depth, "mlp_depth": exp.model.projector.mlp_depth,
-                      "num_query_tokens": proj.num_query_tokens},
-        "llm": "llm" if from_config else exp.model.llm,
-        "merged": not hasattr(model.llm, "get_base_model"),
-    }
+    info = checkpoint_info(
+        model.image_size, model.image_mean, model.image_std, model.box_convention,
+        projector={"num_input_tokens": proj.pos_emb.shape[1], "encoder_dim": proj.pos_emb.shape[2],
+                   "llm_dim": base.config.hidden_size, "hidden_size": exp.model.projector.hidden_size,
+                   "depth": exp.model.projector.depth, "mlp_depth": exp.model.projector.mlp_depth,
+                   "num_query_tokens": proj.num_query_tokens},
+        llm="llm" if from_config else exp.model.llm, merged=not hasattr(model.llm, "get_base_model"))
     (folder / "m4cxr.json").write_text(json.dumps(info, indent=2))
     save_experiment(exp, folder / "experiment.yaml")
     model.vision.model.save_pretrained(folder / "vision")
@@ -69,6 +65,14 @@ def save_checkpoint(model: M4CXR, exp: Experiment, folder: str | Path) -> Path:
             base.save_pretrained(folder / "llm", state_dict=base_weights(base))
     model.tokenizer.save_pretrained(folder / "tokenizer")
     return folder
+
+
+def checkpoint_info(image_size: int, image_mean: list[float], image_std: list[float], box_convention: str,
+                    projector: dict, llm: str, merged: bool) -> dict:
+    """m4cxr.json: what rebuilds the model around its weight folders. `llm` is "llm" (the
+    checkpoint's own llm/ folder) or the hub id / folder of the base LLM; `merged`: no adapter."""
+    return {"format": FORMAT, "image_size": image_size, "image_mean": list(image_mean), "image_std": list(image_std),
+            "box_convention": box_convention, "projector": projector, "llm": llm, "merged": merged}
 
 
 def base_weights(base) -> dict[str, torch.Tensor]:

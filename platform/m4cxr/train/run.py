@@ -51,6 +51,22 @@ def prepare_tokenizer(exp: Experiment, corpus_dir: str | Path) -> str:
     return str(path)
 
 
+def check_fits_checkpoint(exp: Experiment, checkpoint: str | Path) -> None:
+    """The experiment's data settings must be the checkpoint's: the corpus is tokenised and its
+    images resized by the experiment, the model was trained on its own."""
+    from m4cxr.model.checkpoint import read_info
+
+    info = read_info(checkpoint)
+    settings = {"data.image_size": (exp.data.image_size, info["image_size"]),
+                "data.box_convention": (exp.data.box_convention, info["box_convention"]),
+                "model.projector.num_query_tokens": (exp.model.projector.num_query_tokens,
+                                                     info["projector"]["num_query_tokens"])}
+    differ = [f"{key} is {ours} but {theirs} in the checkpoint" for key, (ours, theirs) in settings.items() if ours != theirs]
+    if differ:
+        raise ValueError(f"{exp.source}: the experiment does not fit {checkpoint}: " + "; ".join(differ)
+                         + " (set them with --set)")
+
+
 def capacity_retries(wait_s: float) -> int:
     """Ray Train's controller_failure_limit for a wait of `wait_s` seconds: each attempt to
     place the workers waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default)."""
@@ -76,7 +92,11 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
     init_ray()
     st = getattr(exp.train, stage)
     corpus_dir = str(Path(corpus_dir).resolve())
-    tok_dir = prepare_tokenizer(exp, corpus_dir)
+    if init_checkpoint:  # a model reads its own ids and pixels: its tokenizer, image size and tokens per image
+        tok_dir = str(Path(init_checkpoint) / "tokenizer")
+        check_fits_checkpoint(exp, init_checkpoint)
+    else:
+        tok_dir = prepare_tokenizer(exp, corpus_dir)
     storage = Path(exp.train.output_dir).resolve()
     name = run_name or f"{exp.name}-{stage}"
     run_dir = storage / name
