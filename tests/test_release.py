@@ -312,3 +312,72 @@ def test_the_projector_equals_timms_where_timm_imports():
     x = torch.randn(3, 16, 32)
     expected = ours.readout(net.eval()((x + ours.pos_emb).transpose(1, 2).reshape(3, 32, 4, 4)).flatten(2).transpose(1, 2))
     assert torch.allclose(ours(x), expected, atol=1e-6)
+
+
+def test_the_imported_release_is_served_on_both_engines_evaluated_and_fine_tuned(ray_local, imported, synthetic_corpus,
+                                                                                tmp_path):
+    """What a group does with the release: serve it (vLLM and transformers give the same greedy
+    answers), evaluate it on its own test split, and fine-tune it (its LoRA continues; the vision
+    encoder and projector train as in stage 2)."""
+    import base64
+    import io
+    import urllib.request
+
+    from ray import serve
+    from safetensors.torch import load_file
+
+    from m4cxr.config import load_experiment
+    from m4cxr.eval.run import evaluate
+    from m4cxr.serve.apps import run_services
+    from m4cxr.serve.vllm_engine import vllm_installed
+    from m4cxr.train.run import run_stage
+
+    corpus, _ = synthetic_corpus
+    image = Image.open(next((corpus / "images").glob("*.png"))).convert("L")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+
+    def post(url: str, body: dict) -> dict:
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return json.loads(r.read())
+
+    args = dict(max_new_tokens=8, max_prompt_tokens=600, apps=("mrg", "vqa"))
+    port = free_port()
+    hf = run_services({"release": str(imported)}, port=port, prefix="hf", engine="hf", **args)
+    try:
+        requests = [("/mrg", {"scenario": "single_image", "images": [b64]}),
+                    ("/mrg", {"scenario": "multi_study", "images": [b64], "prior_images": [b64],
+                              "prior_report": "No acute process."}),
+                    ("/vqa", {"images": [b64], "question": "Is the heart enlarged?"})]
+        on_hf = [post(f"{hf}{route}", body) for route, body in requests]
+        assert all(isinstance(a.get("report", a.get("answer")), str) for a in on_hf)
+        if vllm_installed():
+            on_vllm_url = run_services({"release": str(imported)}, port=port, engine="vllm", **args)
+            assert [post(f"{on_vllm_url}{route}", body) for route, body in requests] == on_hf
+    finally:
+        serve.shutdown()
+
+    overrides = [f"train.output_dir={tmp_path / 'train'}", "data.image_size=56", "data.box_convention=center_crop",
+                 "model.projector.num_query_tokens=4", "eval.tasks=[single_image,phrase_grounding,vqa]",
+                 "eval.samples_per_task=2", "eval.max_new_tokens=6", "eval.both_cot_modes=false",
+                 "eval.bootstrap_samples=10", "eval.overlays=0", "train.instruction.training_steps=4",
+                 "train.instruction.max_steps=4", "train.instruction.global_batch_size=2", "train.micro_batch_size=1",
+                 "train.checkpoint_every=4", "train.val_samples=2", "train.instruction.lr=1e-3",
+                 "train.instruction.trainable=[vision_encoder,projector,llm_lora]"]
+    exp = load_experiment(ROOT / "experiments/quickstart.yaml", overrides)
+    results = evaluate(exp, str(imported), tmp_path / "eval", corpus_dir=corpus)
+    assert results["mrg"]["single_image"] and results["grounding"]["phrase_grounding"]["samples"] == 2
+    assert results["vqa"]["vqa"]["samples"] == 2
+
+    summary = run_stage(exp, "instruction", corpus, init_checkpoint=str(imported), run_name="fine-tune-release")
+    assert summary["steps"] == 4
+    tuned = Path(summary["checkpoint"])
+    before, after = (load_file(f / "adapter" / "adapter_model.safetensors") for f in (imported, tuned))
+    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(load_file(imported / "projector.safetensors")["readout.2.weight"],
+                           load_file(tuned / "projector.safetensors")["readout.2.weight"])
+    with pytest.raises(ValueError, match="data.image_size is 518 but 56 in the checkpoint"):
+        run_stage(load_experiment(ROOT / "experiments/quickstart.yaml", overrides + ["data.image_size=518"]),
+                  "instruction", corpus, init_checkpoint=str(imported), run_name="unfit")
