@@ -77,10 +77,13 @@ def random_tensors(shapes: dict[str, tuple], seed: int, scale: float = 0.2) -> d
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
+    return write_tiny_release(tmp_path_factory.mktemp("release"))
+
+
+def write_tiny_release(root: Path) -> dict:
     """Folders as the authors' training writes them, and the configs a user downloads beside them."""
     from transformers import Dinov2Config, Dinov2Model, LlamaTokenizer, MistralConfig, MistralForCausalLM
 
-    root = tmp_path_factory.mktemp("release")
     rad_dino, mistral = root / "rad-dino", root / "mistral"
     Dinov2Config(**VISION).save_pretrained(rad_dino)
     (rad_dino / "preprocessor_config.json").write_text(json.dumps({  # Rad-DINO's processor, at 56 px
@@ -219,6 +222,37 @@ def test_imported_logits_equal_the_reference_forward(release, imported):
     assert (ours - theirs).abs().max() < 1e-5, float((ours - theirs).abs().max())
     assert (theirs - reference_logits({**release["tensors"], "lora": {k: v * 0 for k, v in release["tensors"]["lora"].items()}},
                                       pixels, ids)).abs().max() > 1e-3  # the adapter matters
+
+
+def test_one_folder_with_the_merged_model_imports_without_an_adapter(release, tmp_path):
+    """Their model with the LoRA merged into language_model.* (the layout of a single-folder
+    release): a checkpoint without an adapter, with the same logits."""
+    from m4cxr.data.templates import render_conversation
+    from m4cxr.model.checkpoint import load_checkpoint, read_info
+    from m4cxr.model.release import import_release
+
+    t = release["tensors"]
+    merged = {k.removeprefix("base_model.model."): v for k, v in {**t["vision"], **t["projector"]}.items()}
+    merged.update(t["llm"])
+    for name, a in t["lora"].items():
+        if name.endswith("lora_A.weight"):
+            target = name.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            merged[target] = merged[target] + (t["lora"][name.replace("lora_A", "lora_B")] @ a) * (ALPHA / R)
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    for f in release["stage1"].iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).symlink_to(f)
+    save_file(merged, folder / "model.safetensors")
+    out = import_release(folder, tmp_path / "out")["checkpoint"]
+    assert read_info(out)["merged"] and not (Path(out) / "adapter").exists()
+    model, _ = load_checkpoint(out)
+    image = Image.new("L", (56, 64), 90)
+    batch = model.collate([render_conversation("vqa", {**FIELDS, "answer": ""})[:2]], [[image]], for_generation=True)
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits[0]
+    theirs = reference_logits(t, model.preprocess([image]), batch["input_ids"][0].tolist())
+    assert (ours - theirs).abs().max() < 1e-5
 
 
 def test_the_key_map_covers_the_full_size_release_on_the_meta_device():
