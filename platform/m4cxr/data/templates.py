@@ -101,9 +101,12 @@ def _value(key: str, v: Any, role: str, task: str) -> str:
         if count < 1:
             raise ValueError(f"task {task!r}: '{key}' needs at least one image")
         return " ".join([IMAGE] * count)
+    if key in ("finding", "organ"):
+        return str(v).lower()  # as the authors write names
+    if key == "phrase" and role == "assistant":
+        return str(v).rstrip(".")  # the template adds the period
     if isinstance(v, str):
-        # a phrase answer gets the template's period; finding and organ names are lower-case
-        return v.rstrip(".") if key == "phrase" and role == "assistant" else v.lower() if key in ("finding", "organ") else v
+        return v
     if key == "findings":
         return names_list(v)
     if key == "bbox":

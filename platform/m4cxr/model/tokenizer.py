@@ -153,10 +153,7 @@ def encode_conversation(tok: PreTrainedTokenizerBase, turns: Sequence[dict], tok
             labels += [IGNORE] * tokens_per_image
             continue
         piece = _encode(tok, chunk)
-        if i > 0 and chunks[i - 1] == ASSISTANT:  # an answer
-            ids += piece
-            labels += piece
-        else:
-            ids += piece
-            labels += [IGNORE] * len(piece)
+        ids += piece
+        answer = i > 0 and chunks[i - 1] == ASSISTANT
+        labels += piece if answer else [IGNORE] * len(piece)
     return ids, labels
