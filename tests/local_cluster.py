@@ -1,8 +1,11 @@
 """A local multi-node Ray cluster for the tests: a `ray start` head and worker nodes, all on
-127.0.0.1, each worker node in a session of its own so that it can be taken away whole."""
+127.0.0.1, each node in a session of its own so that it can be taken away whole, on free ports
+and its own temp dir. Stopping it kills its own processes by id: another Ray on the machine (a
+colleague's job) is never touched."""
 
 import json
 import os
+import socket
 import shutil
 import signal
 import subprocess
@@ -11,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-HEAD_PORT, DASHBOARD_PORT = "6391", "8276"
 ATTEMPT_S = 10  # how long each attempt to place Train workers waits (Ray Train's default: 60 s)
 
 
@@ -26,16 +28,26 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(ATTEMPT_S),
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
+        self.head_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.head_port}"
         self.nodes: list[subprocess.Popen] = []
-        subprocess.run([self.ray, "start", "--head", f"--port={HEAD_PORT}", "--node-ip-address=127.0.0.1",
-                        "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={DASHBOARD_PORT}", f"--temp-dir={self.temp}"],
-                       check=True, env=self.env, capture_output=True, timeout=120)
+        self.head = self.start_node(["--head", f"--port={self.head_port}", "--include-dashboard=true",
+                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                                     f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp}"])
+        try:  # up when the State API (the dashboard) lists it
+            wait_for(lambda: self.alive_nodes() == 1, 120, "the head node", self.head)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_node(self, args: list[str]) -> subprocess.Popen:
+        """`ray start --block` in a session of its own: its process group is the node."""
+        return subprocess.Popen([self.ray, "start", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--block",
+                                 f"--dashboard-agent-listen-port={free_port()}", *args], env=self.env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def add_node(self) -> subprocess.Popen:
-        node = subprocess.Popen([self.ray, "start", f"--address=127.0.0.1:{HEAD_PORT}", "--node-ip-address=127.0.0.1",
-                                 "--num-cpus=2", "--block"], env=self.env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        node = self.start_node([f"--address={self.address}"])
         self.nodes.append(node)
         return node
 
@@ -52,16 +64,26 @@ class LocalCluster:
         node.wait(timeout=30)
 
     def alive_nodes(self) -> int:
-        done = subprocess.run([self.ray, "list", "nodes", f"--address=127.0.0.1:{HEAD_PORT}", "--format=json",
+        done = subprocess.run([self.ray, "list", "nodes", f"--address={self.address}", "--format=json",
                                "--filter", "state=ALIVE"], env=self.env, capture_output=True, text=True, timeout=60)
-        return len(json.loads(done.stdout)) if done.returncode == 0 else -1
+        try:
+            return len(json.loads(done.stdout)) if done.returncode == 0 else -1
+        except json.JSONDecodeError:  # the dashboard not answering yet
+            return -1
 
     def stop(self) -> None:
-        for node in self.nodes:
+        """Kill this cluster's nodes, the head last, by their process ids (no `ray stop`, which
+        stops every Ray on the machine)."""
+        for node in self.nodes + [self.head]:
             if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+                self.kill_node(node)
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def descendants(root: int) -> list[int]:

@@ -14,7 +14,7 @@ import pytest
 from m4cxr.train.lineage import lineage_problems, read_metrics
 
 from conftest import ROOT
-from local_cluster import ATTEMPT_S, DASHBOARD_PORT, wait_for
+from local_cluster import ATTEMPT_S, wait_for
 
 
 @pytest.mark.timeout(600)
@@ -23,7 +23,7 @@ def test_job_on_two_nodes_survives_a_lost_node(cluster, synthetic_corpus, tmp_pa
     worker_node = cluster.add_node()
     wait_for(lambda: cluster.alive_nodes() == 2, 60, "the worker node to join")
     out = tmp_path / "shared"  # storage both nodes see, like cluster.yaml's NFS share
-    cmd = [cluster.ray, "job", "submit", f"--address=http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", str(ROOT),
+    cmd = [cluster.ray, "job", "submit", f"--address=http://127.0.0.1:{cluster.dashboard_port}", "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs", "tests/data"]}), "--",
            "python", "jobs/finetune.py", "--config", "experiments/quickstart.yaml",
            "--set", f"data.corpus_dir={corpus}", "--set", f"train.output_dir={out}",

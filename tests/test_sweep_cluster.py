@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port
-from local_cluster import HEAD_PORT, wait_for
+from local_cluster import wait_for
 
 TRIALS = 6
 
@@ -43,7 +43,7 @@ def test_asha_sweep_on_two_nodes_two_trials_at_a_time(cluster, synthetic_corpus,
     corpus, _ = synthetic_corpus
     cluster.add_node()
     wait_for(lambda: cluster.alive_nodes() == 2, 60, "the worker node to join")
-    env = {**cluster.env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": f"127.0.0.1:{HEAD_PORT}"}
+    env = {**cluster.env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": cluster.address}
     command = [sys.executable, "-m", "m4cxr.cli", "sweep", "--config", str(ROOT / "experiments/sweeps/quickstart.yaml"),
                "--name", "asha", "--set", f"data.corpus_dir={corpus}", "--set", f"tune.output_dir={tmp_path}",
                "--set", "tune.init_checkpoint=", "--set", "tune.objective=single", "--set", "tune.early_stopping=true",
