@@ -5,7 +5,6 @@ colleague's job) is never touched."""
 
 import json
 import os
-import socket
 import shutil
 import signal
 import subprocess
@@ -13,6 +12,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from conftest import free_port
 
 ATTEMPT_S = 10  # how long each attempt to place Train workers waits (Ray Train's default: 60 s)
 
@@ -78,12 +79,6 @@ class LocalCluster:
             if node.poll() is None:
                 self.kill_node(node)
         shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(root: int) -> list[int]:
