@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from m4cxr.data.boxes import (
+from m4cxr.boxes import (
     circle_to_box, format_box, iou, mask_to_boxes, merge_overlapping, parse_box, parse_boxes,
     parse_findings_with_boxes, to_pixels, to_relative,
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from m4cxr.data.templates import render_conversation, task_names
+from m4cxr.tasks import render_conversation, task_names
 from m4cxr.model.tokenizer import IGNORE, encode_conversation, image_token_id, load_tokenizer
 
 from test_templates import AUTHORS, FIELDS, expected_turns

@@ -99,7 +99,7 @@ def test_images_are_spliced_into_their_positions(world):
         assert torch.equal(embeds[row, other], text[row, other])
     assert k == len(visual)
     # five images in one sample (the multi-image maximum), each in its own run, in order
-    from m4cxr.data.templates import cot_candidates, render_conversation
+    from m4cxr.tasks import cot_candidates, render_conversation
 
     five_turns = render_conversation("multi_image", {"images": 5, "findings": cot_candidates(), "positives": [],
                                                      "report": "Clear."})

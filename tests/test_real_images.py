@@ -5,7 +5,7 @@ import json
 import shutil
 
 from m4cxr.cli import main
-from m4cxr.data.boxes import parse_box, to_pixels
+from m4cxr.boxes import parse_box, to_pixels
 from m4cxr.data.schema import ImageStore, read_samples
 
 from conftest import REAL

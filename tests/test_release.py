@@ -202,7 +202,7 @@ def reference_logits(tensors: dict, pixels: torch.Tensor, ids: list[int]) -> tor
 
 
 def test_imported_logits_equal_the_reference_forward(release, imported):
-    from m4cxr.data.templates import render_conversation
+    from m4cxr.tasks import render_conversation
     from m4cxr.model.checkpoint import load_checkpoint
 
     model, exp = load_checkpoint(imported)
@@ -227,7 +227,7 @@ def test_imported_logits_equal_the_reference_forward(release, imported):
 def test_one_folder_with_the_merged_model_imports_without_an_adapter(release, tmp_path):
     """Their model with the LoRA merged into language_model.* (the layout of a single-folder
     release): a checkpoint without an adapter, with the same logits."""
-    from m4cxr.data.templates import render_conversation
+    from m4cxr.tasks import render_conversation
     from m4cxr.model.checkpoint import load_checkpoint, read_info
     from m4cxr.model.release import import_release
 

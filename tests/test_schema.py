@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from m4cxr.data.schema import SAMPLE_SCHEMA, ImageStore, Sample, read_samples, write_samples
-from m4cxr.data.templates import render_conversation
+from m4cxr.tasks import render_conversation
 
 
 def make_sample(i, split="train"):

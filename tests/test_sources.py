@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import dataset_fixtures as F
-from m4cxr.data.boxes import to_relative
+from m4cxr.boxes import to_relative
 from m4cxr.data.prepare import PrepareContext, run_adapters
 from m4cxr.data.sources import siim as siim_source
 from m4cxr.config import DataConfig
 from m4cxr.data.sources.common import Collector, SourceError
 from m4cxr.data.sources.mimic_reports import clean_report
-from m4cxr.data.templates import count_images
+from m4cxr.tasks import count_images
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import numpy as np
 from PIL import Image
 
 from m4cxr.cli import main
-from m4cxr.data.boxes import parse_box, parse_boxes, to_relative
+from m4cxr.boxes import parse_box, parse_boxes, to_relative
 from m4cxr.data.schema import ImageStore, read_samples
-from m4cxr.data.templates import cot_candidates, count_images, task_names
+from m4cxr.tasks import cot_candidates, count_images, task_names
 
 
 

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
-from m4cxr.data.templates import (
+from m4cxr.tasks import (
     NOT_FOUND, chexbert_labels, cot_candidates, count_images, findings_answer, positive_findings,
     render_conversation, task_names,
 )

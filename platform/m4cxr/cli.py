@@ -251,7 +251,7 @@ def cmd_quickstart(args) -> int:
 def cmd_label(args) -> int:
     import csv
 
-    from m4cxr.data.templates import chexbert_labels
+    from m4cxr.tasks import chexbert_labels
     from m4cxr.labeler import label_report
 
     with open(args.reports, newline="") as f:

@@ -19,7 +19,7 @@ from typing import Mapping
 import numpy as np
 
 from m4cxr.config import MixtureConfig
-from m4cxr.data.templates import task_names, task_type
+from m4cxr.tasks import task_names, task_type
 
 STRATEGIES = ("empirical", "d1", "d2", "d3", "d4")
 TASK_TYPES = ("mrg", "image_understanding", "vqa")

@@ -32,7 +32,7 @@ from m4cxr.config import Experiment
 from m4cxr.data.mixture import Mixture, build_mixture
 from m4cxr.data.schema import ImageStore, samples_path
 from m4cxr.data.stats import pair_counts
-from m4cxr.data.templates import single_turn_report_conversation
+from m4cxr.tasks import single_turn_report_conversation
 from m4cxr.model.m4cxr import pad_batch
 from m4cxr.model.tokenizer import IGNORE, encode_conversation, load_tokenizer
 from m4cxr.model.vision import image_array, normalise

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT, SyntheticConfig
-from m4cxr.data.boxes import to_relative
+from m4cxr.boxes import to_relative
 from m4cxr.data.schema import SPLITS, ImageStore, Sample, write_manifest, write_samples
 from m4cxr.data.synthetic_reports import (
     DISPLAY_NAMES, KINDS, plain_language, severity_word, summary_sentence, write_report,
@@ -24,7 +24,7 @@ from m4cxr.data.synthetic_reports import (
 from m4cxr.data.synthetic_xray import (
     IMAGENOME_REGIONS, ORGANS, Anatomy, Drawing, Finding, draw_frontal, draw_lateral, sample_anatomy,
 )
-from m4cxr.data.templates import cot_candidates, positive_findings, render_conversation, task_type
+from m4cxr.tasks import cot_candidates, positive_findings, render_conversation, task_type
 
 DATASET = "synthetic"
 FINDING_RATES = {  # relative frequency of each finding kind

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from m4cxr.config import Experiment
 from m4cxr.data.schema import ImageStore, samples_path
-from m4cxr.data.templates import single_turn_report_conversation, task_type
+from m4cxr.tasks import single_turn_report_conversation, task_type
 
 PREDICTION_SCHEMA = pa.schema([
     ("sample_id", pa.string()),

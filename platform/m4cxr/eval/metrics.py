@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from m4cxr.data.boxes import iou, parse_box, to_pixels
+from m4cxr.boxes import iou, parse_box, to_pixels
 
 CHEXPERT_14 = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
                "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",

@@ -18,7 +18,7 @@ import matplotlib.patches as patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from m4cxr.data.boxes import parse_box, to_pixels  # noqa: E402
+from m4cxr.boxes import parse_box, to_pixels  # noqa: E402
 from m4cxr.data.schema import ImageStore, read_sample_table, samples_path  # noqa: E402
 
 

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m4cxr.config import Experiment
-from m4cxr.data.boxes import parse_box
+from m4cxr.boxes import parse_box
 from m4cxr.data.schema import ImageStore, read_sample_table, samples_path
-from m4cxr.data.templates import task_type
+from m4cxr.tasks import task_type
 from m4cxr.eval.metrics import (
     CHEXPERT_14, bleu4_bootstrap, bootstrap_ci, chexpert_scores, f1_scores, grounding_scores, label_matrix, nlg_scores,
     rouge_per_sample, vqa_scores,

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from m4cxr.config import Experiment, ModelConfig
-from m4cxr.data.templates import cot_candidates, render_conversation
+from m4cxr.tasks import cot_candidates, render_conversation
 from m4cxr.model.projector import CAbstractor
 from m4cxr.model.tokenizer import IGNORE, encode_conversation, image_token_id
 from m4cxr.model.vision import VisionEncoder, build_vision_encoder, pixel_values

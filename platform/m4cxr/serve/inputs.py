@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from m4cxr.data.boxes import BOX_PATTERN
+from m4cxr.boxes import BOX_PATTERN
 
 MAX_PIXELS = 40_000_000  # a 6,000 x 6,000 radiograph fits; a decompression bomb does not
 MAX_IMAGES = {"single_image": 1, "multi_image": 5, "multi_study": 10}  # the paper's limits

@@ -1,17 +1,12 @@
 """Checked requests -> conversations in the training templates, and answers -> response bodies.
-Shared by the services and the chat route; box parsing is the evaluation's (data/boxes.py)."""
+Shared by the services and the chat route; box parsing is the evaluation's (m4cxr/boxes.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from m4cxr.data.boxes import format_box, parse_box, to_pixels
-from m4cxr.data.templates import NOT_FOUND, cot_candidates, render_conversation
-
-GROUNDING_TASKS = {"phrase": ("phrase_grounding", "phrase"), "finding": ("finding_grounding", "finding"),
-                   "organ": ("organ_grounding", "organ"), "region": ("anatomical_region_grounding", "name")}
-REVERSE_TASKS = {"finding": ("grounded_finding", "finding"), "organ": ("grounded_organ", "organ"),
-                 "region": ("grounded_anatomical_region", "name"), "phrase": ("grounded_phrase_generation", "phrase")}
+from m4cxr.boxes import format_box, parse_box, to_pixels
+from m4cxr.tasks import NOT_FOUND, cot_candidates, render_conversation, report_questions, served_task
 
 
 def question(task: str, fields: dict[str, Any], system: str) -> list[dict[str, str]]:
@@ -21,13 +16,9 @@ def question(task: str, fields: dict[str, Any], system: str) -> list[dict[str, s
 
 def mrg_turns(req: dict[str, Any], system: str) -> tuple[list[dict], list[dict], list]:
     """The findings question, the report question and the images of a report request."""
-    scenario = req["scenario"]
-    fields = {"images": len(req["images"]), "findings": cot_candidates(), "positives": [], "report": "",
-              "prior_images": len(req.get("prior_images", [])), "prior_report": req.get("prior_report", ""),
-              "follow_up_images": len(req["images"])}
-    conv = render_conversation(scenario, fields, system, cot=req["cot"])
-    images = list(req.get("prior_images", [])) + list(req["images"])
-    return conv[:2], (conv[3:4] if req["cot"] else []), images
+    first, second = report_questions(req["scenario"], len(req["images"]), len(req.get("prior_images", [])),
+                                     req.get("prior_report", ""), system, req["cot"])
+    return first, second, list(req.get("prior_images", [])) + list(req["images"])
 
 
 def findings_list(answer: str) -> list[str]:
@@ -40,9 +31,9 @@ def findings_list(answer: str) -> list[str]:
 
 def grounding_turns(req: dict[str, Any], system: str) -> list[dict]:
     if "box" in req:
-        task, key = REVERSE_TASKS[req["ask"]]
+        task, key = served_task("grounding", ask=req["ask"])
         return question(task, {"bbox": format_box(req["box"]), key: ""}, system)
-    task, key = GROUNDING_TASKS[req["target"]]
+    task, key = served_task("grounding", target=req["target"])
     return question(task, {key: req["text"]}, system)
 
 
@@ -57,5 +48,5 @@ def grounding_response(req: dict[str, Any], answer: str, convention: str) -> dic
 
 
 def vqa_turns(req: dict[str, Any], system: str) -> list[dict]:
-    task = "vqa" if len(req["images"]) == 1 else "difference_vqa"
+    task, _ = served_task("vqa", images=len(req["images"]))
     return question(task, {"question": req["question"]}, system)

@@ -31,8 +31,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls out from 
 import gradio as gr  # noqa: E402
 from ray import serve  # noqa: E402
 
-from m4cxr.data.boxes import format_box, to_pixels, to_relative  # noqa: E402
-from m4cxr.data.templates import NOT_FOUND  # noqa: E402
+from m4cxr.boxes import format_box, to_pixels, to_relative  # noqa: E402
+from m4cxr.tasks import NOT_FOUND  # noqa: E402
 from m4cxr.serve.access import authorized  # noqa: E402
 from m4cxr.serve.inputs import RequestError, decode_image, parse_grounding, parse_mrg, parse_vqa  # noqa: E402
 from m4cxr.serve.openai_chat import Sampling  # noqa: E402

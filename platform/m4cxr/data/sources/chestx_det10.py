@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from m4cxr.data.boxes import enclosing_box
+from m4cxr.boxes import enclosing_box
 from m4cxr.data.sources.common import (
     Collector, SourceError, classification_sample, detection_samples, find_file, read_json,
 )

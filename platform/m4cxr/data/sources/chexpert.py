@@ -13,7 +13,7 @@ from pathlib import Path
 from m4cxr.data.sources.common import (
     Collector, chexpert_value, classification_sample, find_file, stream_table,
 )
-from m4cxr.data.templates import chexbert_labels, cot_candidates
+from m4cxr.tasks import chexbert_labels, cot_candidates
 
 DATASET = "chexpert"
 

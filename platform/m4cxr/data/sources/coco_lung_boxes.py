@@ -16,11 +16,11 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
-from m4cxr.data.boxes import to_relative
+from m4cxr.boxes import to_relative
 from m4cxr.data.images import resize_shortest_edge
 from m4cxr.data.schema import ImageStore, Sample, write_manifest, write_samples
 from m4cxr.data.stats import corpus_stats
-from m4cxr.data.templates import render_conversation, task_type
+from m4cxr.tasks import render_conversation, task_type
 
 DATASET = "covid_chestxray_lungs"
 

@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from m4cxr.config import DataConfig
-from m4cxr.data.boxes import enclosing_box, to_relative
+from m4cxr.boxes import enclosing_box, to_relative
 from m4cxr.data.images import image_size
 from m4cxr.data.schema import Sample
-from m4cxr.data.templates import render_conversation, task_type
+from m4cxr.tasks import render_conversation, task_type
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "validate", "valid": "validate",
                "validate": "validate", "validation": "validate", "test": "test", "testing": "test"}

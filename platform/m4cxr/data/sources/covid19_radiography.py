@@ -9,7 +9,7 @@ every image is a training image.
 
 from __future__ import annotations
 
-from m4cxr.data.boxes import mask_to_boxes
+from m4cxr.boxes import mask_to_boxes
 from m4cxr.data.images import read_mask
 from m4cxr.data.sources.common import (
     Collector, SourceError, classification_sample, lung_boxes, organ_grounding_samples,

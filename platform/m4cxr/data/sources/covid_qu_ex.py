@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from m4cxr.data.boxes import mask_to_boxes
+from m4cxr.boxes import mask_to_boxes
 from m4cxr.data.images import difference_hash, read_image, read_mask
 from m4cxr.data.sources.common import (
     Collector, SourceError, detection_samples, lung_boxes, organ_grounding_samples, split_name,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from m4cxr.data.boxes import circle_to_box
+from m4cxr.boxes import circle_to_box
 from m4cxr.data.images import JSRT_SIDE
 from m4cxr.data.sources.common import Collector, detection_samples, find_file
 

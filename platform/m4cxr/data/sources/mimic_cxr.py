@@ -39,7 +39,7 @@ from m4cxr.data.sources.common import (
     Collector, SourceError, chexpert_value, find_file, split_name, stream_table,
 )
 from m4cxr.data.sources.mimic_reports import clean_report, findings_section
-from m4cxr.data.templates import chexbert_labels, cot_candidates, positive_findings
+from m4cxr.tasks import chexbert_labels, cot_candidates, positive_findings
 
 DATASET = "mimic_cxr"
 FRONTAL = ("PA", "AP")

@@ -11,7 +11,7 @@ Its images are kept out of every other dataset's training samples by prepare (th
 
 from __future__ import annotations
 
-from m4cxr.data.boxes import enclosing_box
+from m4cxr.boxes import enclosing_box
 from m4cxr.data.sources.common import Collector, SourceError, split_name, stream_table
 
 DATASET = "ms_cxr"

@@ -8,7 +8,7 @@ needs the covid_qu_ex source, and without it the rule is not applied and the man
 
 from __future__ import annotations
 
-from m4cxr.data.boxes import mask_to_boxes
+from m4cxr.boxes import mask_to_boxes
 from m4cxr.data.images import difference_hash, read_image, read_mask
 from m4cxr.data.sources.common import Collector, SourceError, detection_samples
 

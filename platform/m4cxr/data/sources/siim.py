@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from m4cxr.data.boxes import mask_to_boxes
+from m4cxr.boxes import mask_to_boxes
 from m4cxr.data.sources.common import (
     Collector, SourceError, classification_sample, detection_samples, find_file, stream_table,
 )

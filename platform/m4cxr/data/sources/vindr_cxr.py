@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from m4cxr.data.boxes import merge_overlapping
+from m4cxr.boxes import merge_overlapping
 from m4cxr.data.sources.common import (
     Collector, classification_sample, detection_samples, find_file, stream_table,
 )

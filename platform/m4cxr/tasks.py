@@ -1,7 +1,10 @@
-"""The 17 task templates in the authors' prompt format, rendered into conversations.
+"""The 17 tasks: what each is, how it is asked, scored and served, from resources/tasks.yaml.
 
-One renderer for every task, driven by resources/tasks.yaml (the paper's Table 8, with the
-wording and answer forms of the authors' training code).
+The one place the code asks about a task. resources/tasks.yaml holds each task's templates (the
+paper's Table 8 in the wording and answer forms of the authors' training code), its type, how it
+is scored, which route serves it; the functions below read it. Adding a task is an entry there
+(and a dataset adapter that writes its samples); see the README's "How to add a task".
+
 A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}; each image
 appears as one "<image>" placeholder in a user turn, in the order of the sample's images.
 """
@@ -16,7 +19,7 @@ from typing import Any, Sequence
 import yaml
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
-from m4cxr.data.boxes import format_box, format_boxes
+from m4cxr.boxes import format_box, format_boxes
 
 IMAGE = "<image>"
 NOT_FOUND = "Not found."
@@ -36,12 +39,66 @@ def task_names() -> list[str]:
 
 
 def task_type(task: str) -> str:
+    """mrg | image_understanding | vqa: the paper's three task types (the mixture's groups)."""
     return _task(task)["type"]
 
 
+def report_scenarios() -> list[str]:
+    """The report-generation tasks: single_image, multi_image, multi_study."""
+    return [name for name, t in task_spec()["tasks"].items() if t["type"] == "mrg"]
+
+
+def scored_as(task: str) -> str | None:
+    """report | box | answer, or None for a task that is trained but not scored."""
+    return _task(task).get("scored_as")
+
+
+RESULT_GROUPS = {"report": "mrg", "box": "grounding", "answer": "vqa"}  # the results' sections
+
+
+def result_group(task: str) -> str | None:
+    """The section of the evaluation results a task's scores go to: mrg | grounding | vqa."""
+    return RESULT_GROUPS.get(scored_as(task))
+
+
+def headline_task(kind: str) -> str:
+    """The task the summaries report for a kind of scoring (report, box, answer)."""
+    return next(name for name, t in task_spec()["tasks"].items()
+                if t.get("scored_as") == kind and t.get("headline"))
+
+
+def max_images(scenario: str) -> int:
+    return int(_task(scenario)["max_images"])
+
+
+def takes_prior_study(scenario: str) -> bool:
+    return bool(_task(scenario).get("prior_study"))
+
+
+def served_task(route: str, **key: Any) -> tuple[str, str]:
+    """(task, the template field the request's text goes into) of the task a route asks, e.g.
+    served_task("grounding", target="phrase") -> ("phrase_grounding", "phrase")."""
+    for name, t in task_spec()["tasks"].items():
+        serve = t.get("serve", {})
+        if serve.get("route") == route and all(serve.get(k) == v for k, v in key.items()):
+            return name, serve.get("field", "")
+    raise KeyError(f"no task serves {route} with {key}")
+
+
+def served_choices(route: str, key: str) -> list[str]:
+    """The values a route's selector takes, e.g. served_choices("grounding", "target")."""
+    return [t["serve"][key] for t in task_spec()["tasks"].values()
+            if t.get("serve", {}).get("route") == route and key in t["serve"]]
+
+
 def chexbert_labels() -> list[str]:
-    """The 14 CheXbert observations, "No Finding" last."""
+    """The 14 CheXpert observations in CheXbert's head order, "No Finding" last."""
     return list(task_spec()["chexbert_labels_14"])
+
+
+def chexpert_5() -> list[str]:
+    """The five observations of the mF1-5 / MF1-5 scores."""
+    return list(task_spec()["chexbert_labels_5"])
 
 
 def cot_candidates() -> list[str]:
@@ -166,6 +223,25 @@ def render_conversation(
 
 def count_images(turns: Sequence[dict[str, str]]) -> int:
     return sum(t["content"].count(IMAGE) for t in turns if t["role"] == "user")
+
+
+# ----------------------------------------------------------------------------- the CoT exchange
+
+
+def report_questions(scenario: str, images: int, prior_images: int = 0, prior_report: str = "",
+                     system: str = DEFAULT_SYSTEM_PROMPT, cot: bool = True) -> tuple[list[dict], list[dict]]:
+    """A report request as the model is asked it: the first question (system and user turns)
+    and, with cot, the report question that follows the model's findings answer."""
+    fields = {"images": images, "findings": cot_candidates(), "positives": [], "report": "",
+              "prior_images": prior_images, "prior_report": prior_report, "follow_up_images": images}
+    conv = render_conversation(scenario, fields, system, cot=cot)
+    return conv[:2], (conv[3:4] if cot else [])
+
+
+def after_findings(first: Sequence[dict], findings: str, report_question: Sequence[dict]) -> list[dict]:
+    """The second turn of chain-of-thought report generation: the first question, the model's
+    own findings answer kept as the assistant's turn, then the report question."""
+    return [*first, {"role": "assistant", "content": findings}, *report_question]
 
 
 def single_turn_report_conversation(sample: dict[str, Any]) -> list[dict[str, str]]:
