@@ -1,7 +1,13 @@
+import copy
+import pickle
+
 import pytest
+import yaml
 
 from m4cxr.cli import main
-from m4cxr.config import ConfigError, load_experiment, to_dict
+from m4cxr.config import (
+    ConfigError, EvalConfig, PairWeight, apply_override, experiment_from_dict, load_experiment, save_experiment, to_dict,
+)
 
 from conftest import ROOT
 
@@ -67,10 +73,36 @@ def test_config_show_prints_resolved_yaml(capsys):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    import yaml
-    from m4cxr.config import save_experiment
-
     exp = load_experiment(ROOT / "experiments/m4cxr.yaml")
     again = load_experiment(save_experiment(exp, tmp_path / "again.yaml"))
     assert to_dict(again) == to_dict(exp)
     assert yaml.safe_load((tmp_path / "again.yaml").read_text())["model"]["lora"]["r"] == 8
+
+
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").rglob("*.yaml")))
+def test_every_experiment_loads_and_round_trips(name, tmp_path):
+    exp = load_experiment(ROOT / name)
+    again = load_experiment(save_experiment(exp, tmp_path / "again.yaml"))
+    assert to_dict(again) == to_dict(exp)
+
+
+def test_errors_name_list_items_missing_keys_and_empty_sections():
+    with pytest.raises(ConfigError, match=r"'train.betas\[1\]' must be float, got 'y' \(str\)"):
+        experiment_from_dict({"train": {"betas": [0.9, "y"]}}, "f.yaml")
+    with pytest.raises(ConfigError, match=r"f.yaml: 'data.mixture.pairs.vqa/x': the key 'weight' is required"):
+        experiment_from_dict({"data": {"mixture": {"pairs": {"vqa/x": {"size": 3}}}}}, "f.yaml")
+    with pytest.raises(ConfigError, match=r"f.yaml: unknown key 'source'"):
+        experiment_from_dict({"source": "x"}, "f.yaml")
+    with pytest.raises(ConfigError, match=r"'train.seed' is a value, not a section"):
+        apply_override({}, "train.seed.x=1")
+    exp = experiment_from_dict({"train": None, "tune": {"weights": {"a": "1e-2"}}})
+    assert exp.train.num_workers == 1 and exp.tune.weights == {"a": 0.01} and exp.source == "<dict>"
+
+
+def test_configs_are_plain_objects_that_copy_and_pickle():
+    exp = load_experiment(ROOT / "experiments/quickstart.yaml")
+    exp.eval.tasks = ["vqa"]  # code sets fields freely; only files are validated
+    for other in (copy.deepcopy(exp), pickle.loads(pickle.dumps(exp))):
+        assert other == exp and other.source == exp.source and other.eval.tasks == ["vqa"]
+    assert PairWeight(2.0) == PairWeight(weight=2.0, size=0)
+    assert EvalConfig().tasks == ["single_image", "multi_image", "multi_study", "phrase_grounding", "vqa"]

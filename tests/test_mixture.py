@@ -71,11 +71,12 @@ def test_seeded_draw_is_reproducible_and_resumable():
     assert np.abs(freq - mix.probabilities).max() < 0.005
 
 
-def test_pairs_without_data_are_reported_then_dropped_or_raise(capsys):
+def test_pairs_without_data_are_reported_then_dropped_or_raise(caplog):
     available = {"single_image/mimic_cxr": 10, "vqa/mimic_cxr_vqa": 5}
-    mix = build_mixture(PAPER.data.mixture, available)
+    with caplog.at_level("WARNING", logger="m4cxr.data.mixture"):
+        mix = build_mixture(PAPER.data.mixture, available)
     assert [p.key for p in mix.pairs] == ["single_image/mimic_cxr", "vqa/mimic_cxr_vqa"]
-    assert len(mix.dropped) == 48 and "48 pair(s) without data dropped" in capsys.readouterr().out
+    assert len(mix.dropped) == 48 and "48 pair(s) without data dropped" in caplog.text
     assert mix.probabilities == pytest.approx([200 / 202, 2 / 202])
     strict = MixtureConfig(pairs=PAPER.data.mixture.pairs, on_missing_pair="error")
     with pytest.raises(ValueError, match="48 mixture pair\\(s\\) have no data at hand: multi_image/mimic_cxr"):

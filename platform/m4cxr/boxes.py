@@ -16,6 +16,7 @@ import re
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 
@@ -145,8 +146,6 @@ def circle_to_box(cx: float, cy: float, diameter: float) -> Box:
 def mask_to_boxes(mask: np.ndarray, min_pixels: int = 1) -> list[Box]:
     """Mask rule: one box per connected region (8-connectivity) of a binary mask, in pixels
     (x2, y2 exclusive), ordered left to right. Regions under `min_pixels` are ignored."""
-    from scipy import ndimage
-
     labelled, count = ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=int))
     boxes = []
     for index, region in enumerate(ndimage.find_objects(labelled), start=1):

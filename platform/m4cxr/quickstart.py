@@ -7,15 +7,27 @@ request of each kind -> summary.json.
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from ray import serve
+
 from m4cxr.config import load_experiment
+from m4cxr.data.schema import ImageStore, read_sample_table
 from m4cxr.data.synthetic import synthesize
 from m4cxr.eval.run import eval_summary, evaluate
+from m4cxr.serve.apps import run_services
 from m4cxr.sweep.run import run_sweep
+from m4cxr.tasks import headline_task
 from m4cxr.train.run import prepare_tokenizer, run_stage
+
+log = logging.getLogger(__name__)
 
 
 def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart.yaml", overrides=(),
@@ -26,17 +38,17 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
     started = time.time()
     summary: dict = {"experiment": str(config), "out": str(out)}
 
-    print(f"quickstart 1/7: synthetic world ({exp.data.synthetic.patients} patients) -> {exp.data.corpus_dir}")
+    log.info(f"quickstart 1/7: synthetic world ({exp.data.synthetic.patients} patients) -> {exp.data.corpus_dir}")
     manifest = synthesize(exp.data.corpus_dir, exp.data.synthetic, exp.data.box_convention, exp.data.system_prompt)
     summary["data"] = {"corpus": exp.data.corpus_dir, "samples": manifest["samples"], "images": manifest["images"],
                        "patients": manifest["patients"], "leakage": manifest["leakage"]["patients_in_several_splits"]}
 
-    print("quickstart 2/7: tokenizer")
+    log.info("quickstart 2/7: tokenizer")
     prepare_tokenizer(exp, exp.data.corpus_dir)
 
-    print(f"quickstart 3/7: stage 1, projector pre-training ({exp.train.pretrain.training_steps} steps)")
+    log.info(f"quickstart 3/7: stage 1, projector pre-training ({exp.train.pretrain.training_steps} steps)")
     stage1 = run_stage(exp, "pretrain", exp.data.corpus_dir)
-    print(f"quickstart 4/7: stage 2, instruction tuning ({exp.train.instruction.training_steps} steps)")
+    log.info(f"quickstart 4/7: stage 2, instruction tuning ({exp.train.instruction.training_steps} steps)")
     stage2 = run_stage(exp, "instruction", exp.data.corpus_dir, init_checkpoint=stage1["checkpoint"])
     summary["train"] = {
         "val_loss_first": stage2["val_loss_first"], "val_loss_last": stage2["val_loss_last"],
@@ -44,16 +56,16 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
         "checkpoint": stage2["checkpoint"], "skipped_samples": stage2["skipped_samples"],
         "seconds": round(stage1["seconds"] + stage2["seconds"], 1), "pretrain": stage1,
     }
-    print("quickstart 5/7: evaluation on the test split (Ray Data batch inference)")
+    log.info("quickstart 5/7: evaluation on the test split (Ray Data batch inference)")
     results = evaluate(exp, stage2["checkpoint"], out / "eval")
     summary["eval"] = {**eval_summary(results, exp), "report": results["files"]["report"],
                        "seconds": results["seconds"]}
     sweep_exp = load_experiment(sweep_config, [*places, f"tune.init_checkpoint={stage2['checkpoint']}", *overrides])
-    print(f"quickstart 6/7: sweep, {sweep_exp.tune.num_trials} trials (Ray Tune + Optuna)")
+    log.info(f"quickstart 6/7: sweep, {sweep_exp.tune.num_trials} trials (Ray Tune + Optuna)")
     sweep = run_sweep(sweep_exp, name="quickstart-sweep")
     summary["sweep"] = {k: sweep.get(k) for k in ("trials", "completed", "pareto_size", "best_experiment", "plot",
                                                    "best_params", "best_objectives", "seconds")}
-    print(f"quickstart 7/7: serving on {exp.serve.host}:{exp.serve.port} (Ray Serve), one request of each kind")
+    log.info(f"quickstart 7/7: serving on {exp.serve.host}:{exp.serve.port} (Ray Serve), one request of each kind")
     served = {"default": stage2["checkpoint"]}
     if sweep.get("best_checkpoint"):
         served["sweep-best"] = sweep["best_checkpoint"]
@@ -88,17 +100,6 @@ def describe_eval(ev: dict) -> str:
 def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
     """Start the services, load the web page and send one request of each kind (report,
     grounding, VQA, chat with the sweep's winner), print the answers, shut down."""
-    import base64
-    import json as js
-    import socket
-    import urllib.error
-    import urllib.request
-
-    from ray import serve
-
-    from m4cxr.data.schema import ImageStore, read_sample_table
-    from m4cxr.serve.apps import run_services
-
     port = exp.serve.port
     with socket.socket() as probe:  # a busy port (another server) is not worth failing the quickstart for
         if probe.connect_ex((exp.serve.host, port)) == 0:
@@ -107,14 +108,15 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
         with socket.socket() as free:
             free.bind((exp.serve.host, 0))
             port = free.getsockname()[1]
-        print(f"  port {exp.serve.port} is taken; serving on {port}")
+        log.info(f"  port {exp.serve.port} is taken; serving on {port}")
     url = run_services(checkpoints, port=port, host=exp.serve.host, max_new_tokens=exp.eval.max_new_tokens,
                        engine=exp.serve.engine)
-    sample = next(r for r in read_sample_table(corpus_dir, "test").to_pylist() if r["task"] == "single_image")
+    scenario = headline_task("report")  # a single-image report
+    sample = next(r for r in read_sample_table(corpus_dir, "test").to_pylist() if r["task"] == scenario)
     image = base64.b64encode(ImageStore(corpus_dir).path(sample["images"][0]["image_id"]).read_bytes()).decode()
     chat_model = "sweep-best" if "sweep-best" in checkpoints else "default"
     requests = {
-        "mrg": ("/mrg", {"scenario": "single_image", "images": [image]}),
+        "mrg": ("/mrg", {"scenario": scenario, "images": [image]}),
         "grounding": ("/grounding", {"image": image, "phrase": "There is a small left pleural effusion."}),
         "vqa": ("/vqa", {"images": [image], "question": "Is the heart enlarged?"}),
         "chat": ("/v1/chat/completions", {"model": chat_model, "messages": [{"role": "user", "content": [
@@ -130,13 +132,13 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
         except (urllib.error.URLError, TimeoutError):
             page_ok = False
         out["requests_ok" if page_ok else "requests_failed"] += 1
-        print(f"  /ui/: {'the page' if page_ok else 'no page'} (open {url}/ui/ in a browser)")
+        log.info(f"  /ui/: {'the page' if page_ok else 'no page'} (open {url}/ui/ in a browser)")
         for name, (route, body) in requests.items():
-            req = urllib.request.Request(url + route, data=js.dumps(body).encode(),
+            req = urllib.request.Request(url + route, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=120) as r:
-                    answer = js.loads(r.read())
+                    answer = json.loads(r.read())
                 out["requests_ok"] += 1
             except (urllib.error.URLError, TimeoutError) as err:
                 answer = {"error": str(err)}
@@ -145,7 +147,7 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
                 answer = {"model": answer.get("model"), "answer": (answer.get("choices") or [{}])[0].get("message", {})
                           .get("content"), **({"error": answer["error"]} if "error" in answer else {})}
             out["answers"][name] = answer
-            print(f"  {route}: {js.dumps(answer)[:300]}")
+            log.info(f"  {route}: {json.dumps(answer)[:300]}")
     finally:
         serve.shutdown()
     return out

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 
+import ray
+
 
 def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one with
     its dashboard on 127.0.0.1 (the port Ray picks, 8265 when free)."""
-    import ray
-
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

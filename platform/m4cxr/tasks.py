@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 import yaml
 
-from m4cxr.config import DEFAULT_SYSTEM_PROMPT
 from m4cxr.boxes import format_box, format_boxes
 
 IMAGE = "<image>"
@@ -29,9 +28,13 @@ IMAGE_FIELDS = ("images", "prior_images", "follow_up_images")
 
 @lru_cache(maxsize=1)
 def task_spec() -> dict[str, Any]:
-    """resources/tasks.yaml: the tasks, their types and turns, and the CheXbert label lists."""
+    """resources/tasks.yaml: the system message, the tasks (types, turns, scoring, serving) and
+    the CheXbert label lists."""
     text = resources.files("m4cxr").joinpath("resources/tasks.yaml").read_text()
     return yaml.safe_load(text)
+
+
+DEFAULT_SYSTEM_PROMPT: str = task_spec()["system_prompt"]
 
 
 def task_names() -> list[str]:
@@ -46,6 +49,11 @@ def task_type(task: str) -> str:
 def report_scenarios() -> list[str]:
     """The report-generation tasks: single_image, multi_image, multi_study."""
     return [name for name, t in task_spec()["tasks"].items() if t["type"] == "mrg"]
+
+
+def pretrain_tasks() -> list[str]:
+    """The tasks of stage 1 (vision-language alignment on image-report pairs)."""
+    return [name for name, t in task_spec()["tasks"].items() if t.get("pretrain")]
 
 
 def scored_as(task: str) -> str | None:

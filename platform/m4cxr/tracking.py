@@ -73,7 +73,7 @@ class RunLog:
         run_dir = Path(run_dir)
         if "mlflow" in exp.tracking.log_to:
             try:
-                from mlflow import MlflowClient
+                from mlflow import MlflowClient  # optional: only when tracking.log_to has it
             except ImportError as err:
                 raise ImportError("tracking.log_to has mlflow but mlflow is not installed: pip install mlflow") from err
             self.client = MlflowClient(tracking_uri=mlflow_uri(exp))
@@ -88,7 +88,7 @@ class RunLog:
                 id_file.write_text(self.run_id)
         if "tensorboard" in exp.tracking.log_to:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs tensorboard
             except ImportError as err:
                 raise ImportError("tracking.log_to has tensorboard but tensorboard is not installed: "
                                   "pip install tensorboard") from err

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from PIL import Image
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -35,8 +37,6 @@ def grey8(pixels: np.ndarray, invert: bool = False) -> Image.Image:
 
 def dicom_to_image(ds) -> Image.Image:
     """A pydicom dataset's pixels as an 8-bit grey image (modality + VOI LUT, MONOCHROME1 inverted)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     pixels = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
     if pixels.ndim == 3:  # several frames or colour: the first frame, grey
         pixels = pixels[0] if pixels.shape[-1] not in (3, 4) else pixels[..., :3].mean(-1)
@@ -58,7 +58,6 @@ def read_image(path: str | Path) -> Image.Image:
         if path.suffix.upper() == ".IMG":
             return read_jsrt(path)
         if is_dicom(path):
-            import pydicom
 
             return dicom_to_image(pydicom.dcmread(path))
         with Image.open(path) as image:
@@ -79,7 +78,6 @@ def image_size(path: str | Path) -> tuple[int, int]:
         if path.suffix.upper() == ".IMG":
             return JSRT_SIDE, JSRT_SIDE
         if is_dicom(path):
-            import pydicom
 
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             return int(ds.Columns), int(ds.Rows)

@@ -12,16 +12,20 @@ probability from the strategy, then a sample of that pair uniformly. Strategies:
 from __future__ import annotations
 
 import csv
+import typing
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from typing import Mapping
 
 import numpy as np
 
-from m4cxr.config import MixtureConfig
+from m4cxr.config import MixtureConfig, Strategy
 from m4cxr.tasks import task_names, task_type
 
-STRATEGIES = ("empirical", "d1", "d2", "d3", "d4")
+log = logging.getLogger(__name__)
+
+STRATEGIES = typing.get_args(Strategy)  # the paper's sampling strategies (config.py)
 TASK_TYPES = ("mrg", "image_understanding", "vqa")
 DRAW_CHUNK = 4096  # draws are generated in seeded chunks, so any position is reachable at once
 
@@ -163,7 +167,8 @@ def build_mixture(
                 "(set data.mixture.on_missing_pair=renormalise to drop them)"
             )
         if missing:
-            print(f"mixture: {len(missing)} pair(s) without data dropped, weights renormalised: {', '.join(missing)}")
+            log.warning("mixture: %d pair(s) without data dropped, weights renormalised: %s", len(missing),
+                        ", ".join(missing))
         dropped = missing
         pairs = [
             Pair(p.task, p.dataset, p.task_type, p.weight, p.size or int(available[p.key]))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -32,12 +33,12 @@ from m4cxr.config import Experiment
 from m4cxr.data.mixture import Mixture, build_mixture
 from m4cxr.data.schema import ImageStore, samples_path
 from m4cxr.data.stats import pair_counts
-from m4cxr.tasks import single_turn_report_conversation
-from m4cxr.model.m4cxr import pad_batch
+from m4cxr.model.inputs import pad_batch
 from m4cxr.model.tokenizer import IGNORE, encode_conversation, load_tokenizer
 from m4cxr.model.vision import image_array, normalise
+from m4cxr.tasks import pretrain_tasks, single_turn_report_conversation
 
-PRETRAIN_TASKS = ("single_image",)  # stage 1 trains on image-report pairs without instructions
+PRETRAIN_TASKS = tuple(pretrain_tasks())  # stage 1 trains on image-report pairs without instructions
 
 
 # ----------------------------------------------------------------------------- the draw
@@ -153,8 +154,6 @@ def prepare_args(exp: Experiment, corpus_dir: str, split: str, tokenizer_dir: st
 
 
 def _preprocess(ds, exp: Experiment, args: dict):
-    import ray
-
     return ds.map_batches(
         PrepareSamples, fn_constructor_kwargs=args, batch_size=32, num_cpus=exp.data.preprocess_cpus,
         compute=ray.data.ActorPoolStrategy(size=exp.data.preprocess_actors),
@@ -165,8 +164,6 @@ def train_stream(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: st
                  positions: np.ndarray):
     """The training samples at the given mixture positions as a Ray Dataset (read it with
     preserve_order on, as the Train worker does, to get them in stream order)."""
-    import ray
-
     mixture = stage_mixture(exp, stage, corpus_dir)
     rows_by_pair = pair_rows(corpus_dir, mixture)
     positions = np.asarray(positions, dtype=np.int64)
@@ -195,8 +192,6 @@ def validation_rows(corpus_dir: str | Path, count: int, stage: str, split: str =
 
 
 def validation_set(exp: Experiment, stage: str, corpus_dir: str, tokenizer_dir: str, tokens_per_image: int):
-    import ray
-
     rows = validation_rows(corpus_dir, exp.train.val_samples, stage)
     ds = ray.data.from_items([{"position": -1, "row": int(r)} for r in rows])
     return _preprocess(ds, exp, prepare_args(exp, corpus_dir, "validate", tokenizer_dir, tokens_per_image, stage))

@@ -21,24 +21,31 @@ on the way). What is held per image is its reference and, after the resize, thre
 from __future__ import annotations
 
 import importlib
+import logging
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
+from PIL import Image
 
 from m4cxr.config import DataConfig, Experiment
+from m4cxr.data.boxes_preview import BoxTiles, draw_box_tiles
+from m4cxr.data.images import read_image, resize_shortest_edge
 from m4cxr.data.schema import IMAGE_INDEX_SCHEMA, SAMPLE_SCHEMA, SPLITS, Sample, samples_path, write_manifest
 from m4cxr.data.sources.common import Collector, ImageRef, SourceError
+from m4cxr.data.sources.covid_qu_ex import image_hashes
+from m4cxr.data.sources.mimic_cxr import MimicIndex
+from m4cxr.ray_cluster import init_ray
 from m4cxr.data.stats import MS_CXR, corpus_stats
 
-if TYPE_CHECKING:
-    from m4cxr.eval.pictures import BoxTiles
+log = logging.getLogger(__name__)
 
 # The adapters, in the order they run: MIMIC-CXR first (its index serves the MIMIC-derived
 # datasets), MS-CXR before the datasets it must be kept out of.
@@ -59,8 +66,6 @@ class PrepareContext:
         self._qu_ex_hashes: set[str] | None = None
 
     def mimic(self, needed_by: str | None = None):
-        from m4cxr.data.sources.mimic_cxr import MimicIndex
-
         if "mimic_cxr" not in self.sources:
             raise SourceError(f"{needed_by} uses MIMIC-CXR images: pass --source mimic_cxr=PATH "
                               "(the MIMIC-CXR-JPG folder)")
@@ -69,8 +74,6 @@ class PrepareContext:
         return self._mimic
 
     def covid_qu_ex_hashes(self) -> set[str] | None:
-        from m4cxr.data.sources.covid_qu_ex import image_hashes
-
         if "covid_qu_ex" not in self.sources:
             return None
         if self._qu_ex_hashes is None:
@@ -149,7 +152,7 @@ def spool_sink(writer: ChunkedWriter, c: Collector, progress: bool):
     def add(sample: Sample) -> None:
         writer.add_row(sample.to_row())
         if progress and c.added % PROGRESS_EVERY == 0:
-            print(f"prepare: {c.dataset}: {c.added} samples so far", flush=True)
+            log.info(f"prepare: {c.dataset}: {c.added} samples so far")
 
     return add
 
@@ -176,9 +179,9 @@ def run_adapters(sources: dict[str, Path], config: DataConfig, seed: int = 0, pr
             c.sizes = {}  # original sizes only serve the adapter's boxes
         collectors.append(c)
         if progress:
-            print(f"prepare: {name}: {c.added} samples, {len(c.images)} images, "
-                  f"{len(c.skipped)} skipped, {sum(c.excluded.values())} left out by rules "
-                  f"({time.time() - start:.1f}s)", flush=True)
+            log.info(f"prepare: {name}: {c.added} samples, {len(c.images)} images, "
+                     f"{len(c.skipped)} skipped, {sum(c.excluded.values())} left out by rules "
+                     f"({time.time() - start:.1f}s)")
     return collectors
 
 
@@ -235,8 +238,6 @@ def apply_ms_cxr_rule(collectors: list[Collector], spool: Path, chunk_rows: int)
 
 def resize_batch(batch: dict[str, np.ndarray], out_dir: str, size: int) -> dict[str, np.ndarray]:
     """Ray Data map_batches: read, resize and store each image; report its size, scale or error."""
-    from m4cxr.data.images import read_image, resize_shortest_edge
-
     widths, heights, scales, errors = [], [], [], []
     for image_id, path in zip(batch["image_id"], batch["path"]):
         try:
@@ -252,10 +253,6 @@ def resize_batch(batch: dict[str, np.ndarray], out_dir: str, size: int) -> dict[
 def resized_batches(refs: list[ImageRef], out_dir: Path, size: int) -> Iterator[dict[str, np.ndarray]]:
     """resize_batch's results for every image of `refs`, resized on Ray Data, a block at a time
     (in no particular order)."""
-    import ray
-
-    from m4cxr.ray_cluster import init_ray
-
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if not refs:
         return
@@ -326,12 +323,8 @@ def scale_boxes(table: pa.Table, resized: Resized) -> pa.Table:
 
 def draw_boxes_preview(out: Path, by_split: dict[str, BoxTiles]) -> list[str]:
     """boxes_preview.png from the samples chosen while writing (split by split, in the order of
-    the samples files' names, as eval/pictures.boxes_preview would choose from the corpus), its
-    images opened from the store by their path, without reading the whole image index."""
-    from PIL import Image
-
-    from m4cxr.eval.pictures import BoxTiles, draw_box_tiles  # matplotlib: only when drawing
-
+    the samples files' names, as data/boxes_preview.boxes_preview would choose from the corpus),
+    its images opened from the store by their path, without reading the whole image index."""
     tiles = BoxTiles()
     for split in sorted(by_split):
         tiles.merge(by_split[split])
@@ -345,8 +338,6 @@ def write_corpus_samples(collectors: list[Collector], spool: Path, out: Path, ms
     """samples/<split>.parquet from the spool, in the adapters' order: the MS-CXR rule applied,
     samples using an image in `unavailable` (not stored) left out and counted per dataset, boxes
     scaled. Returns the samples written and the samples lost."""
-    from m4cxr.eval.pictures import BoxTiles
-
     samples_path(out).mkdir(parents=True, exist_ok=True)
     writers: dict[str, ChunkedWriter] = {}
     lost: Counter = Counter()
@@ -397,8 +388,7 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
                     refs[image_id] = ref
             c.images = {}  # the references of the images used live on in `refs`
         if progress:
-            print(f"prepare: resizing {len(refs)} images to a shortest edge of {size} px on Ray Data",
-                  flush=True)
+            log.info(f"prepare: resizing {len(refs)} images to a shortest edge of {size} px on Ray Data")
         unregistered = used.difference(refs)  # used by a sample, registered by no adapter: not stored
         del used
         ref_list = list(refs.values())
@@ -433,6 +423,6 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
     manifest["boxes_preview"] = {"file": "boxes_preview.png", "datasets": draw_boxes_preview(out, preview)}
     write_manifest(out, manifest)
     if progress:
-        print(f"prepare: wrote {written} samples and {stored} images to {out_dir} "
-              f"in {time.time() - start:.1f}s", flush=True)
+        log.info(f"prepare: wrote {written} samples and {stored} images to {out_dir} "
+                 f"in {time.time() - start:.1f}s")
     return manifest

@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from m4cxr.data.schema import samples_path
+from m4cxr.tasks import max_images, report_scenarios as report_tasks, takes_prior_study
 
 MS_CXR = "ms_cxr"
 
@@ -89,8 +90,9 @@ def report_scenarios(path: Path) -> Counter:
     of images, multi-study by whether it has the prior study (the paper's rules,
     data/sources/mimic_cxr.py)."""
     out: Counter = Counter()
+    several = [s for s in report_tasks() if max_images(s) > 1]
     for batch in batches(path, ["task", "split", "images"],  # only their images column
-                         where=pc.field("task").isin(["multi_image", "multi_study"])):
+                         where=pc.field("task").isin(several)):
         images = batch.column("images")
         lengths = pc.list_value_length(images).to_pylist()
         roles = pc.struct_field(pc.list_flatten(images), "role")
@@ -99,10 +101,10 @@ def report_scenarios(path: Path) -> Counter:
                              minlength=batch.num_rows)
         for task, split, length, prior in zip(batch.column("task").to_pylist(), batch.column("split").to_pylist(),
                                               lengths, priors):
-            if task == "multi_image":
-                out[(f"multi_image, {length} image(s)", split)] += 1
-            elif task == "multi_study":
-                out[("multi_study, with the prior study" if prior else "multi_study, no prior study (test)", split)] += 1
+            if takes_prior_study(task):
+                out[(f"{task}, with the prior study" if prior else f"{task}, no prior study (test)", split)] += 1
+            else:
+                out[(f"{task}, {length} image(s)", split)] += 1
     return out
 
 

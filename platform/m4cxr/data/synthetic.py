@@ -9,15 +9,17 @@ train / validate / test, so no patient is in two splits. All samples carry datas
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from m4cxr.config import DEFAULT_SYSTEM_PROMPT, SyntheticConfig
 from m4cxr.boxes import to_relative
+from m4cxr.config import DEFAULT_SYSTEM_PROMPT, SyntheticConfig
 from m4cxr.data.schema import SPLITS, ImageStore, Sample, write_manifest, write_samples
+from m4cxr.data.stats import corpus_stats
 from m4cxr.data.synthetic_reports import (
     DISPLAY_NAMES, KINDS, plain_language, severity_word, summary_sentence, write_report,
 )
@@ -33,6 +35,8 @@ FINDING_RATES = {  # relative frequency of each finding kind
 }
 SIDED = ("effusion", "pneumothorax", "consolidation", "opacity", "nodule", "mass", "atelectasis", "fracture")
 HEDGEABLE = ("effusion", "atelectasis", "consolidation", "pneumothorax", "edema")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -288,14 +292,12 @@ def study_samples(study: Study, size: int, convention: str = "resize",
 def synthesize(out_dir: str | Path, cfg: SyntheticConfig, convention: str = "resize",
                system_prompt: str = DEFAULT_SYSTEM_PROMPT, progress: bool = True) -> dict:
     """Write the synthetic corpus (images, samples, manifest) to out_dir; returns the manifest."""
-    from m4cxr.data.stats import corpus_stats
-
     start = time.time()
     out = Path(out_dir)
     store = ImageStore(out)
     studies = build_world(cfg, store)
     if progress:
-        print(f"synth: drew {len(store.index)} images of {len(studies)} studies in {time.time() - start:.1f}s")
+        log.info("synth: drew %d images of %d studies in %.1fs", len(store.index), len(studies), time.time() - start)
     samples = [s for study in studies for s in study_samples(study, cfg.image_size, convention, system_prompt, cfg.seed)]
     store.write_index()
     write_samples(samples, out)
@@ -305,5 +307,5 @@ def synthesize(out_dir: str | Path, cfg: SyntheticConfig, convention: str = "res
     manifest["skipped"] = []
     write_manifest(out, manifest)
     if progress:
-        print(f"synth: wrote {len(samples)} samples to {out} in {time.time() - start:.1f}s")
+        log.info("synth: wrote %d samples to %s in %.1fs", len(samples), out, time.time() - start)
     return manifest

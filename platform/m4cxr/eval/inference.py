@@ -15,16 +15,23 @@ becomes a row with an `error`; the scorer counts those and never drops them sile
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import torch
 
 from m4cxr.config import Experiment
 from m4cxr.data.schema import ImageStore, samples_path
-from m4cxr.tasks import single_turn_report_conversation, task_type
+from m4cxr.model.checkpoint import load_checkpoint
+from m4cxr.ray_cluster import init_ray
+from m4cxr.tasks import after_findings, single_turn_report_conversation, task_type
+
+log = logging.getLogger(__name__)
 
 PREDICTION_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -57,7 +64,7 @@ def eval_requests(exp: Experiment, corpus_dir: str | Path) -> list[dict[str, Any
         rows = np.flatnonzero(chosen)
         if not len(rows):
             named = f" of {exp.eval.datasets[task]}" if task in exp.eval.datasets else ""
-            print(f"eval: no {exp.eval.split} samples{named} for task {task}; it is left out of the tables")
+            log.warning("eval: no %s samples%s for task %s; it is left out of the tables", exp.eval.split, named, task)
         if exp.eval.samples_per_task:
             rows = rows[:exp.eval.samples_per_task]
         modes = cot_modes(exp) if task_type(task) == "mrg" else [""]
@@ -70,10 +77,6 @@ class Predictor:
 
     def __init__(self, checkpoint: str, corpus_dir: str, split: str, max_new_tokens: int, decoding: str,
                  use_gpu: bool, seed: int = 0):
-        import torch
-
-        from m4cxr.model.checkpoint import load_checkpoint
-
         self.device = "cuda" if use_gpu else "cpu"
         # bf16 on GPU as trained; fp32 on CPU, where batched and one-by-one greedy answers agree
         dtype = torch.bfloat16 if use_gpu else None
@@ -114,7 +117,7 @@ class Predictor:
         for (i, turns, images), answer in zip(ready, first):
             if modes[i] == "cot":
                 out[i]["findings"] = answer
-                cot.append((i, turns[:2] + [{"role": "assistant", "content": answer}, turns[3]], images))
+                cot.append((i, after_findings(turns[:2], answer, turns[3:4]), images))
             else:
                 out[i]["prediction"] = answer
         for (i, _, _), report in zip(cot, self.generate([c for _, c, _ in cot], [im for _, _, im in cot])):
@@ -124,10 +127,6 @@ class Predictor:
 
 def run_inference(exp: Experiment, checkpoint: str | Path, corpus_dir: str | Path, out: str | Path) -> pa.Table:
     """Predictions for the evaluated test samples, written to `out` (Parquet) and returned."""
-    import ray
-
-    from m4cxr.ray_cluster import init_ray
-
     init_ray()
     requests = eval_requests(exp, corpus_dir)
     if not requests:

@@ -17,13 +17,15 @@ import re
 from typing import Callable, Sequence
 
 import numpy as np
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+from pycocoevalcap.rouge.rouge import Rouge
 
 from m4cxr.boxes import iou, parse_box, to_pixels
+from m4cxr.tasks import chexbert_labels, chexpert_5
 
-CHEXPERT_14 = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-               "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-               "Fracture", "Support Devices", "No Finding"]
-CHEXPERT_5 = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
+CHEXPERT_14 = chexbert_labels()
+CHEXPERT_5 = chexpert_5()
 CONVENTIONS = {"uncertain_as_negative": (1,), "uncertain_as_positive": (1, -1)}
 
 
@@ -37,9 +39,6 @@ def tokenize_report(text: str) -> str:
 
 def nlg_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str] | str], tokenize: bool = True) -> dict:
     """Corpus BLEU-1..4 and ROUGE-L (pycocoevalcap). `references[i]` is one text or a list of texts."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.rouge.rouge import Rouge
-
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     prep = tokenize_report if tokenize else (lambda t: t.strip())
@@ -52,8 +51,6 @@ def nlg_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str] | s
 
 def rouge_per_sample(hypotheses: Sequence[str], references: Sequence[str]) -> np.ndarray:
     """ROUGE-L of each report (pycocoevalcap); their mean is the corpus ROUGE-L."""
-    from pycocoevalcap.rouge.rouge import Rouge
-
     if not hypotheses:
         return np.zeros(0)
     res = {i: [tokenize_report(h)] for i, h in enumerate(hypotheses)}
@@ -65,8 +62,6 @@ def bleu4_bootstrap(hypotheses: Sequence[str], references: Sequence[str], resamp
                     seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of corpus BLEU-4: each report's n-gram counts are computed once by
     pycocoevalcap's BleuScorer, then resampled and pooled by the same scorer."""
-    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
-
     cooked = BleuScorer(n=4)
     for h, r in zip(hypotheses, references):
         cooked += (tokenize_report(h), [tokenize_report(r)])
@@ -137,8 +132,6 @@ def _words(text: str) -> list[str]:
 
 
 def vqa_scores(answers: Sequence[str], references: Sequence[str]) -> dict:
-    from pycocoevalcap.bleu.bleu import Bleu
-
     exact = np.array([_words(a) == _words(r) for a, r in zip(answers, references)], dtype=float)
     recall = np.array([np.mean([w in set(_words(a)) for w in _words(r)]) if _words(r) else 0.0
                        for a, r in zip(answers, references)], dtype=float)

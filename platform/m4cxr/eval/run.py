@@ -10,29 +10,32 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from m4cxr.config import Experiment
-from m4cxr.eval.tables import headline
+from m4cxr.eval.inference import run_inference
+from m4cxr.eval.pictures import grounding_overlays, write_report_page
+from m4cxr.eval.scoring import score_predictions
+from m4cxr.eval.tables import headline, render_tables
+from m4cxr.tasks import headline_task
+from m4cxr.tracking import RunLog, flat_metrics
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(exp: Experiment, checkpoint: str | Path, out: str | Path, corpus_dir: str | Path | None = None) -> dict:
-    from m4cxr.eval.inference import run_inference
-    from m4cxr.eval.pictures import grounding_overlays, write_report_page
-    from m4cxr.eval.scoring import score_predictions
-    from m4cxr.eval.tables import render_tables
-
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     corpus_dir = str(Path(corpus_dir or exp.data.corpus_dir).resolve())
     if not (Path(checkpoint) / "m4cxr.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: not an M4CXR checkpoint (no m4cxr.json); pass a run's final/ folder")
     started = time.time()
-    print(f"eval: inference on the {exp.eval.split} split of {corpus_dir} (tasks {', '.join(exp.eval.tasks)})")
+    log.info("eval: inference on the %s split of %s (tasks %s)", exp.eval.split, corpus_dir, ", ".join(exp.eval.tasks))
     predictions = run_inference(exp, checkpoint, corpus_dir, out / "predictions.parquet")
     inference_s = time.time() - started
-    print(f"eval: {predictions.num_rows} answers in {inference_s:.0f}s; scoring")
+    log.info("eval: %d answers in %.0fs; scoring", predictions.num_rows, inference_s)
     results = score_predictions(exp, predictions, corpus_dir)
     results.update(checkpoint=str(Path(checkpoint).resolve()), split=exp.eval.split, corpus=corpus_dir,
                    inference_seconds=round(inference_s, 1))
@@ -47,8 +50,8 @@ def evaluate(exp: Experiment, checkpoint: str | Path, out: str | Path, corpus_di
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_evaluation_card(checkpoint, results, exp, out)
     track(exp, results, out, checkpoint)
-    print(tables)
-    print(f"eval: done in {results['seconds']:.0f}s -> {page}")
+    log.info("%s", tables)
+    log.info("eval: done in %.0fs -> %s", results["seconds"], page)
     return results
 
 
@@ -62,7 +65,7 @@ def write_evaluation_card(checkpoint: str | Path, results: dict, exp: Experiment
     try:
         (Path(checkpoint) / "evaluation.json").write_text(json.dumps(card, indent=2))
     except OSError as err:  # a read-only checkpoint store: the evaluation itself stands
-        print(f"eval: could not write {Path(checkpoint) / 'evaluation.json'} ({err})")
+        log.warning("eval: could not write %s (%s)", Path(checkpoint) / "evaluation.json", err)
 
 
 def eval_summary(results: dict, exp: Experiment) -> dict:
@@ -72,19 +75,20 @@ def eval_summary(results: dict, exp: Experiment) -> dict:
     agreement = results.get("labeler_agreement")
     summary: dict = {"mode": mode, "labeler": results["labeler"],
                      "labeler_micro_f1_vs_experts": agreement["micro_f1"] if agreement else None}
-    if "single_image" in results["mrg"]:
+    report, box, answer = headline_task("report"), headline_task("box"), headline_task("answer")
+    if report in results["mrg"]:
         summary["mrg"] = {k: h[k] for k in ("mF1-14", "MF1-14", "BLEU-4", "ROUGE-L")}
-        summary["mrg"]["baseline_mF1-14"] = results["baselines"]["single_image"]["mF1-14"]
-    if "phrase_grounding" in results["grounding"]:
-        g = results["grounding"]["phrase_grounding"]
+        summary["mrg"]["baseline_mF1-14"] = results["baselines"][report]["mF1-14"]
+    if box in results["grounding"]:
+        g = results["grounding"][box]
         summary["grounding"] = {"mIoU": g["mIoU"], "acc@0.5": g["acc@0.5"],
-                                "baseline_mIoU": results["baselines"]["phrase_grounding"]["mIoU"]}
-    if "vqa" in results["vqa"]:
-        summary["vqa"] = {"accuracy": results["vqa"]["vqa"]["accuracy"],
-                          "baseline_accuracy": results["baselines"]["vqa"]["accuracy"]}
+                                "baseline_mIoU": results["baselines"][box]["mIoU"]}
+    if answer in results["vqa"]:
+        summary["vqa"] = {"accuracy": results["vqa"][answer]["accuracy"],
+                          "baseline_accuracy": results["baselines"][answer]["accuracy"]}
     rates = {task: by_mode[mode]["hallucinated_comparison_rate"] for task, by_mode in results["mrg"].items()
              if mode in by_mode}
-    summary["hallucinated_comparison_rate"] = rates.get("single_image")
+    summary["hallucinated_comparison_rate"] = rates.get(report)
     summary["comparison_rate_by_scenario"] = rates
     return summary
 
@@ -92,11 +96,9 @@ def eval_summary(results: dict, exp: Experiment) -> dict:
 def track(exp: Experiment, results: dict, out: Path, checkpoint: str | Path) -> None:
     """The evaluation as an MLflow run (tracking.log_to): its scores as metrics, the tables and
     the report page as artifacts."""
-    from m4cxr.tracking import RunLog, flat_metrics
-
-    log = RunLog(exp, f"eval-{Path(checkpoint).resolve().parent.name}", out, kind="eval")
-    log.params({"checkpoint": str(Path(checkpoint).resolve()), "split": exp.eval.split, "corpus": results["corpus"]})
-    log.metrics(flat_metrics({k: v for k, v in results.items() if k != "files"}), step=0)
+    run = RunLog(exp, f"eval-{Path(checkpoint).resolve().parent.name}", out, kind="eval")
+    run.params({"checkpoint": str(Path(checkpoint).resolve()), "split": exp.eval.split, "corpus": results["corpus"]})
+    run.metrics(flat_metrics({k: v for k, v in results.items() if k != "files"}), step=0)
     for name in ("tables.md", "metrics.json"):
-        log.artifact(out / name)
-    log.finish()
+        run.artifact(out / name)
+    run.finish()

@@ -14,6 +14,7 @@ Baselines, from the training split, show what a model that ignores the image sco
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -23,16 +24,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m4cxr.config import Experiment
 from m4cxr.boxes import parse_box
+from m4cxr.config import Experiment
 from m4cxr.data.schema import ImageStore, read_sample_table, samples_path
-from m4cxr.tasks import task_type
+from m4cxr.labeler import label_reports, measured_agreement, rule_labeler_name
+from m4cxr.tasks import RESULT_GROUPS, report_scenarios, result_group, scored_as
 from m4cxr.eval.metrics import (
     CHEXPERT_14, bleu4_bootstrap, bootstrap_ci, chexpert_scores, f1_scores, grounding_scores, label_matrix, nlg_scores,
     rouge_per_sample, vqa_scores,
 )
 
 CENTRAL_BOX = (25, 25, 75, 75)
+log = logging.getLogger(__name__)
 
 # Words of a report that speak of an earlier study: right in multi-study reports, hallucinated
 # in a report written from one study (the flaw the paper names).
@@ -53,12 +56,10 @@ def report_labeler(exp: Experiment) -> tuple[Callable[[list[str]], list[dict]], 
     """The labeler of the run and its name: CheXbert when configured, else the rule labeler, named
     with its measured agreement with expert labels so that its figures are not taken for CheXbert's."""
     if exp.eval.chexbert_weights:
-        from m4cxr.labeler.chexbert import CheXbertLabeler
+        from m4cxr.labeler.chexbert import CheXbertLabeler  # torch and transformers: only when configured
 
         chexbert = CheXbertLabeler(exp.eval.chexbert_weights, exp.eval.chexbert_tokenizer)
         return chexbert.label_reports, f"CheXbert ({exp.eval.chexbert_weights})"
-    from m4cxr.labeler import label_reports, rule_labeler_name
-
     return label_reports, rule_labeler_name()
 
 
@@ -66,8 +67,6 @@ def labeler_agreement(exp: Experiment) -> dict | None:
     """The rule labeler's measured agreement (benchmarks/labeler_agreement.py), None for CheXbert."""
     if exp.eval.chexbert_weights:
         return None
-    from m4cxr.labeler import measured_agreement
-
     agreement = measured_agreement()
     return None if agreement is None else {k: agreement[k] for k in ("micro_f1", "held_out_micro_f1", "reports",
                                                                       "per_observation_f1", "gold", "benchmark")}
@@ -76,7 +75,7 @@ def labeler_agreement(exp: Experiment) -> dict | None:
 def radgraph_f1(hypotheses: list[str], references: list[str]) -> tuple[float | None, str]:
     """RadGraph F1 (mean of the entity and relation F1, partial reward) or None and why not."""
     try:
-        from radgraph import F1RadGraph
+        from radgraph import F1RadGraph  # optional, with weights from the hub
     except ImportError:
         return None, "RadGraph F1 skipped: the radgraph package is not installed (pip install radgraph)"
     try:
@@ -124,9 +123,10 @@ def frequent_findings_baseline(train: pa.Table) -> tuple[dict[str, int], str]:
     """The constant answer that a model ignoring the image would learn: of "No Finding" alone and
     the 1..4 most frequent findings, the label set with the best mF1-14 on the training reports'
     own labels (the record's CheXbert-style labels, which the CoT answers come from)."""
+    report_tasks = set(report_scenarios())
     labels = [{item["name"]: item["value"] for item in labs}
               for labs, t in zip(train.column("labels").to_pylist(), train.column("task").to_pylist())
-              if task_type(t) == "mrg"]
+              if t in report_tasks]
     counts = Counter(name for lab in labels for name, v in lab.items() if v == 1 and name != "No Finding")
     candidates = [["No Finding"]] + [[n for n, _ in counts.most_common(k)] for k in range(1, 5)]
     ref = label_matrix(labels, CHEXPERT_14, (1,))
@@ -142,90 +142,123 @@ def frequent_findings_baseline(train: pa.Table) -> tuple[dict[str, int], str]:
 # ----------------------------------------------------------------------------- the whole run
 
 
+class Scoring:
+    """What scoring one run needs at hand: the settings, the labeler, the test samples, the
+    image sizes, and the references' labels (computed once: both CoT modes share them)."""
+
+    def __init__(self, exp: Experiment, corpus_dir: str | Path):
+        self.exp = exp
+        self.resamples, self.seed = exp.eval.bootstrap_samples, exp.eval.bootstrap_seed
+        self.labeler, self.labeler_name = report_labeler(exp)
+        self.samples = {r["sample_id"]: r for r in read_sample_table(corpus_dir, exp.eval.split).to_pylist()}
+        self.store = ImageStore(corpus_dir)
+        self.train = pq.read_table(samples_path(corpus_dir, "train"), columns=["task", "labels", "answer"])
+        self.reference_labels: dict[str, dict] = {}
+
+    def labels_of_references(self, rows: list[dict]) -> list[dict]:
+        todo = [r["sample_id"] for r in rows if r["sample_id"] not in self.reference_labels]
+        for sid, lab in zip(todo, self.labeler([self.samples[sid]["report"] or "" for sid in todo])):
+            self.reference_labels[sid] = lab
+        return [self.reference_labels[r["sample_id"]] for r in rows]
+
+    def reports(self, rows: list[dict], notes: list[str]) -> dict:
+        hyps = [r["prediction"] for r in rows]
+        refs = [self.samples[r["sample_id"]]["report"] or "" for r in rows]
+        scores = score_reports(hyps, refs, self.labeler(hyps), self.labels_of_references(rows), self.resamples,
+                               self.seed)
+        if self.exp.eval.radgraph:
+            scores["RadGraph F1"], why = radgraph_f1(hyps, refs)
+            if why and why not in notes:
+                notes.append(why)
+        return scores
+
+    def boxes(self, rows: list[dict]) -> tuple[dict, dict]:
+        """The grounding scores of the rows, and the central-box baseline's."""
+        refs, sizes = [], []
+        for r in rows:
+            s = self.samples[r["sample_id"]]
+            refs.append([b["box"] for b in s["boxes"] if b["image_index"] == 0])
+            sizes.append(self.store.size(s["images"][0]["image_id"]))
+        answers = [r["prediction"] for r in rows]
+        convention = self.exp.data.box_convention
+        scores = grounding_scores(answers, refs, sizes, convention)
+        ious = np.array(scores["iou"])
+        scores["samples"] = len(ious)
+        scores["ci"] = {
+            "mIoU": bootstrap_ci(lambda i: float(ious[i].mean()), len(ious), self.resamples, self.seed),
+            "acc@0.5": bootstrap_ci(lambda i: float((ious[i] >= 0.5).mean()), len(ious), self.resamples, self.seed)}
+        scores["malformed"] = sum(parse_box(a) is None for a in answers)
+        central = grounding_scores(["[25,25,75,75]"] * len(rows), refs, sizes, convention)
+        baseline = {"mIoU": central["mIoU"], "acc@0.5": central["acc@0.5"], "what": "a fixed central box [25,25,75,75]"}
+        return scores, baseline
+
+    def answers(self, task: str, rows: list[dict]) -> tuple[dict, dict, dict | None]:
+        """The VQA scores of the rows, the most-frequent-answer baseline's, and the scores per
+        test set when there are several (Table 4 has a column pair per set)."""
+        answers = [r["prediction"] for r in rows]
+        references = [r["reference"] for r in rows]
+        scores = score_vqa(answers, references, self.resamples, self.seed)
+        by_dataset: dict[str, list[dict]] = {}
+        for r in rows:
+            by_dataset.setdefault(r["dataset"], []).append(r)
+        per_set = None
+        if len(by_dataset) > 1:
+            per_set = {d: score_vqa([r["prediction"] for r in rs], [r["reference"] for r in rs], self.resamples,
+                                    self.seed) for d, rs in sorted(by_dataset.items())}
+        tasks = self.train.column("task").to_pylist()
+        train_answers = [a for a, t in zip(self.train.column("answer").to_pylist(), tasks) if t == task and a]
+        frequent = Counter(train_answers).most_common(1)[0][0] if train_answers else ""
+        base = vqa_scores([frequent] * len(rows), references)
+        baseline = {"accuracy": base["accuracy"], "recall": base["recall"], "BLEU-1": base["BLEU-1"],
+                    "what": f"always {frequent!r}"}
+        return scores, baseline, per_set
+
+
 def score_predictions(exp: Experiment, predictions: pa.Table, corpus_dir: str | Path) -> dict:
-    """Every metric of an evaluation run, by task and mode, with baselines and notes."""
-    resamples, seed = exp.eval.bootstrap_samples, exp.eval.bootstrap_seed
-    labeler, labeler_name = report_labeler(exp)
-    samples = {r["sample_id"]: r for r in read_sample_table(corpus_dir, exp.eval.split).to_pylist()}
-    store = ImageStore(corpus_dir)
+    """Every metric of an evaluation run, by task and mode, with baselines and notes. Each task is
+    scored as tasks.yaml says (`scored_as`: report, box, answer) into its results section."""
+    scoring = Scoring(exp, corpus_dir)
     rows = predictions.to_pylist()
-    results: dict = {"labeler": labeler_name, "labeler_agreement": labeler_agreement(exp), "notes": [], "counts": {},
-                     "mrg": {}, "grounding": {}, "vqa": {}, "baselines": {}}
+    results: dict = {"labeler": scoring.labeler_name, "labeler_agreement": labeler_agreement(exp), "notes": [],
+                     "counts": {}, "mrg": {}, "grounding": {}, "vqa": {}, "baselines": {}}
     if not exp.eval.chexbert_weights:
         results["notes"].append("CheXbert skipped: eval.chexbert_weights is not set; labels come from the "
                                 "rule-based CheXpert-14 labeler")
-
+    results["datasets"] = {group: sorted({r["dataset"] for r in rows if result_group(r["task"]) == group})
+                           for group in RESULT_GROUPS.values()}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["mode"]), []).append(r)
-    kinds = {"mrg": "mrg", "image_understanding": "grounding", "vqa": "vqa"}
-    results["datasets"] = {kind: sorted({r["dataset"] for r in rows if kinds[r["task_type"]] == kind})
-                           for kind in kinds.values()}
-    train = pq.read_table(samples_path(corpus_dir, "train"), columns=["task", "labels", "answer"])
-    reference_labels: dict[str, dict] = {}  # by sample id: both CoT modes share their references
-
-    def labels_of_references(ok_rows: list[dict]) -> list[dict]:
-        todo = [r["sample_id"] for r in ok_rows if r["sample_id"] not in reference_labels]
-        for sid, lab in zip(todo, labeler([samples[sid]["report"] or "" for sid in todo])):
-            reference_labels[sid] = lab
-        return [reference_labels[r["sample_id"]] for r in ok_rows]
     for (task, mode), group in sorted(groups.items()):
-        errors = [f"{r['sample_id']}: {r['error']}" for r in group if r["error"]]
-        ok = [r for r in group if not r["error"]]
-        key = f"{task}/{mode}" if mode else task
-        results["counts"][key] = {"samples": len(group), "errors": len(errors), "error_examples": errors[:5]}
-        if errors:
-            print(f"eval: {len(errors)} of {len(group)} {key} samples could not be run, e.g. {errors[0]}")
+        ok = count_errors(results["counts"], f"{task}/{mode}" if mode else task, group)
         if not ok:
             continue
-        kind = task_type(task)
-        if kind == "mrg":
-            hyps = [r["prediction"] for r in ok]
-            refs = [samples[r["sample_id"]]["report"] or "" for r in ok]
-            scores = score_reports(hyps, refs, labeler(hyps), labels_of_references(ok), resamples, seed)
-            if exp.eval.radgraph:
-                scores["RadGraph F1"], why = radgraph_f1(hyps, refs)
-                if why and why not in results["notes"]:
-                    results["notes"].append(why)
-            results["mrg"].setdefault(task, {})[mode] = scores
-        elif task.endswith("grounding") and task != "multi_finding_grounding":
-            refs, sizes = [], []
-            for r in ok:
-                s = samples[r["sample_id"]]
-                refs.append([b["box"] for b in s["boxes"] if b["image_index"] == 0])
-                sizes.append(store.size(s["images"][0]["image_id"]))
-            answers = [r["prediction"] for r in ok]
-            scores = grounding_scores(answers, refs, sizes, exp.data.box_convention)
-            ious = np.array(scores["iou"])
-            scores["samples"] = len(ious)
-            scores["ci"] = {"mIoU": bootstrap_ci(lambda i: float(ious[i].mean()), len(ious), resamples, seed),
-                            "acc@0.5": bootstrap_ci(lambda i: float((ious[i] >= 0.5).mean()), len(ious), resamples, seed)}
-            scores["malformed"] = sum(parse_box(a) is None for a in answers)
-            results["grounding"][task] = scores
-            central = grounding_scores(["[25,25,75,75]"] * len(ok), refs, sizes, exp.data.box_convention)
-            results["baselines"][task] = {"mIoU": central["mIoU"], "acc@0.5": central["acc@0.5"],
-                                          "what": "a fixed central box [25,25,75,75]"}
-        elif kind == "vqa":
-            answers = [r["prediction"] for r in ok]
-            references = [r["reference"] for r in ok]
-            results["vqa"][task] = score_vqa(answers, references, resamples, seed)
-            by_dataset: dict[str, list[dict]] = {}
-            for r in ok:
-                by_dataset.setdefault(r["dataset"], []).append(r)
-            if len(by_dataset) > 1:  # Table 4 has a column pair per test set (MIMIC-CXR-VQA, SLAKE)
-                results.setdefault("vqa_by_dataset", {})[task] = {
-                    d: score_vqa([r["prediction"] for r in rs], [r["reference"] for r in rs], resamples, seed)
-                    for d, rs in sorted(by_dataset.items())}
-            train_answers = [a for a, t in zip(train.column("answer").to_pylist(), train.column("task").to_pylist())
-                             if t == task and a]
-            frequent = Counter(train_answers).most_common(1)[0][0] if train_answers else ""
-            base = vqa_scores([frequent] * len(ok), references)
-            results["baselines"][task] = {"accuracy": base["accuracy"], "recall": base["recall"],
-                                          "BLEU-1": base["BLEU-1"], "what": f"always {frequent!r}"}
-    constant, names = frequent_findings_baseline(train) if results["mrg"] else ({}, "")
-    for task, by_mode in results["mrg"].items():
-        ok = [r for r in groups[(task, next(iter(by_mode)))] if not r["error"]]
-        base = chexpert_scores([constant] * len(ok), labels_of_references(ok))["uncertain_as_negative"]
-        results["baselines"][task] = {**base, "what": f"always the most frequent findings: {names}"}
+        kind = scored_as(task)
+        if kind == "report":
+            results["mrg"].setdefault(task, {})[mode] = scoring.reports(ok, results["notes"])
+        elif kind == "box":
+            results["grounding"][task], results["baselines"][task] = scoring.boxes(ok)
+        elif kind == "answer":
+            results["vqa"][task], results["baselines"][task], per_set = scoring.answers(task, ok)
+            if per_set:
+                results.setdefault("vqa_by_dataset", {})[task] = per_set
+    report_baselines(scoring, results, groups)
     return results
 
+
+def count_errors(counts: dict, key: str, group: list[dict]) -> list[dict]:
+    """Records the group's samples and errors under `key`; returns the rows that ran."""
+    errors = [f"{r['sample_id']}: {r['error']}" for r in group if r["error"]]
+    counts[key] = {"samples": len(group), "errors": len(errors), "error_examples": errors[:5]}
+    if errors:
+        log.warning("eval: %d of %d %s samples could not be run, e.g. %s", len(errors), len(group), key, errors[0])
+    return [r for r in group if not r["error"]]
+
+
+def report_baselines(scoring: Scoring, results: dict, groups: dict) -> None:
+    """Each report task's baseline: always the most frequent findings of the training split."""
+    constant, names = frequent_findings_baseline(scoring.train) if results["mrg"] else ({}, "")
+    for task, by_mode in results["mrg"].items():
+        ok = [r for r in groups[(task, next(iter(by_mode)))] if not r["error"]]
+        base = chexpert_scores([constant] * len(ok), scoring.labels_of_references(ok))["uncertain_as_negative"]
+        results["baselines"][task] = {**base, "what": f"always the most frequent findings: {names}"}

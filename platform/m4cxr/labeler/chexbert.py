@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-# the head order of the checkpoint
-CONDITIONS = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
-              "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
-              "Support Devices", "No Finding"]
+from m4cxr.tasks import chexbert_labels
+
+CONDITIONS = chexbert_labels()  # the head order of the published checkpoint, as tasks.yaml lists them
 CLASS_TO_LABEL = {0: None, 1: 1, 2: 0, 3: -1}  # blank, positive, negative, uncertain
 
 

@@ -37,9 +37,9 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-OBSERVATIONS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity", "Edema",
-                "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-                "Fracture", "Support Devices"]
+from m4cxr.tasks import chexbert_labels
+
+OBSERVATIONS = chexbert_labels()  # the 14 CheXpert observations (resources/tasks.yaml)
 NOT_PATHOLOGY = {"No Finding", "Support Devices"}
 
 # Our additions to the upstream mention lists.

@@ -22,13 +22,15 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
+from peft import PeftModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Model
 
 from m4cxr.config import Experiment, experiment_from_dict, save_experiment
-from m4cxr.model.m4cxr import M4CXR, resolve_attention
-from m4cxr.model.projector import CAbstractor
+from m4cxr.model.m4cxr import M4CXR, build_model, resolve_attention
 from m4cxr.model.tokenizer import load_tokenizer
 from m4cxr.model.vision import VisionEncoder
 
@@ -98,8 +100,6 @@ def read_info(folder: str | Path) -> dict:
 
 def read_experiment(folder: str | Path) -> Experiment:
     """The experiment a checkpoint was trained with."""
-    import yaml
-
     path = Path(folder) / "experiment.yaml"
     return experiment_from_dict(yaml.safe_load(path.read_text()), str(path))
 
@@ -128,15 +128,13 @@ class InputEmbeddings(nn.Module):
 def load_input_embeddings(source: str, dtype=None) -> InputEmbeddings:
     """The input embedding table of an LLM folder or hub id, read from its safetensors without
     building the model (its name comes from the architecture, built on the meta device)."""
-    from safetensors import safe_open
-
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
     table = llm.get_input_embeddings()
     name = next(n for n, m in llm.named_modules() if m is table) + ".weight"
     folder = Path(source)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for a hub id, which needs the network
 
         folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
     index = folder / "model.safetensors.index.json"
@@ -151,8 +149,6 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", dtyp
     """Rebuild the model of a checkpoint on `device` (CPU or GPU). With trainable, the LoRA
     adapter stays trainable (to continue training); otherwise the model is in eval mode.
     llm="embeddings" loads only the LLM's input embeddings (for an engine that runs the LLM)."""
-    from peft import PeftModel
-
     if llm not in ("full", "embeddings"):
         raise ValueError(f"llm must be 'full' or 'embeddings', got {llm!r}")
     folder = Path(folder)
@@ -169,12 +165,12 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", dtyp
         language_model = AutoModelForCausalLM.from_pretrained(llm_source, attn_implementation=attention, dtype=dtype)
         if adapter is not None:
             language_model = PeftModel.from_pretrained(language_model, adapter, is_trainable=trainable)
-    projector = CAbstractor(**info["projector"])
-    projector.load_state_dict(load_file(folder / "projector.safetensors"))
+    image = {k: info[k] for k in ("image_size", "image_mean", "image_std", "box_convention")}
+    model = build_model(exp, tokenizer, vision=vision, llm=language_model, projector=info["projector"], image=image)
+    model.projector.load_state_dict(load_file(folder / "projector.safetensors"))
     if dtype is not None:
-        projector.to(dtype)
-    model = M4CXR(vision, projector, language_model, tokenizer, info["image_size"], info["image_mean"], info["image_std"],
-                  info["box_convention"]).to(device)
+        model.projector.to(dtype)
+    model.to(device)
     if not trainable:
         model.eval()
     return model, exp

@@ -13,18 +13,18 @@ import importlib.util
 from typing import Sequence
 
 import torch
+from peft import LoraConfig, get_peft_model
 from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from m4cxr.config import Experiment, ModelConfig
-from m4cxr.tasks import cot_candidates, render_conversation
+from m4cxr.model.inputs import collate
 from m4cxr.model.projector import CAbstractor
-from m4cxr.model.tokenizer import IGNORE, encode_conversation, image_token_id
+from m4cxr.model.tokenizer import image_token_id
 from m4cxr.model.vision import VisionEncoder, build_vision_encoder, pixel_values
 
 PARTS = ("vision_encoder", "projector", "llm_lora", "llm")
-SCENARIOS = ("single_image", "multi_image", "multi_study")  # the report-generation tasks
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -73,8 +73,6 @@ def build_llm(cfg: ModelConfig, attention: str, vocab_size: int | None = None, d
 
 
 def add_lora(llm: PreTrainedModel, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model
-
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(llm, lora)
@@ -92,7 +90,8 @@ class M4CXR(nn.Module):
         self.projector = projector
         self.llm = llm
         self.tokenizer = tokenizer
-        self.image_token_id = image_token_id(tokenizer)
+        # the meta-device build of the parameter summary has no tokenizer
+        self.image_token_id = image_token_id(tokenizer) if tokenizer is not None else None
         self.tokens_per_image = projector.num_query_tokens
         self.image_size = image_size
         self.image_mean = list(image_mean)
@@ -174,13 +173,9 @@ class M4CXR(nn.Module):
 
     def collate(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Image.Image]],
                 for_generation: bool = False) -> dict[str, torch.Tensor]:
-        """Tokenise, expand images, pad (left for generation, right for training)."""
-        encoded = [encode_conversation(self.tokenizer, c, self.tokens_per_image, for_generation) for c in conversations]
-        batch = pad_batch([e[0] for e in encoded], [e[1] for e in encoded], self.tokenizer.pad_token_id,
-                          left=for_generation)
-        flat = [im for sample in images for im in sample]
-        batch["pixel_values"] = self.preprocess(flat) if flat else None
-        return batch
+        """Tokenise, expand images, pad (left for generation, right for training): model/inputs.py."""
+        return collate(self.tokenizer, conversations, images, self.tokens_per_image, self.image_size,
+                       self.image_mean, self.image_std, self.box_convention, for_generation)
 
     @torch.no_grad()
     def embed_prompts(self, conversations: Sequence[Sequence[dict]],
@@ -240,45 +235,6 @@ class M4CXR(nn.Module):
                             "finish_reason": "stop" if ended or cut >= 0 else "length"})
         return details
 
-    def generate_reports(self, requests: Sequence[dict], cot: bool = True, max_new_tokens: int = 500,
-                         system_prompt: str | None = None) -> list[dict[str, str]]:
-        """Report generation for a batch of requests, each {"scenario": single_image|multi_image|
-        multi_study, "images": [PIL...], "prior_images": [...], "prior_report": "..."}.
-        With cot: ask for the findings, append the model's answer, then ask for the report."""
-        from m4cxr.config import DEFAULT_SYSTEM_PROMPT
-
-        system = system_prompt or DEFAULT_SYSTEM_PROMPT
-        convs, imgs = [], []
-        for r in requests:
-            task = r.get("scenario", "single_image")
-            if task not in SCENARIOS:
-                raise ValueError(f"unknown scenario {task!r}; use one of {list(SCENARIOS)}")
-            fields = {"images": len(r["images"]), "findings": cot_candidates(), "positives": [], "report": "",
-                      "prior_images": len(r.get("prior_images", [])), "prior_report": r.get("prior_report", ""),
-                      "follow_up_images": len(r["images"])}
-            convs.append(render_conversation(task, fields, system, cot=cot))
-            imgs.append(list(r.get("prior_images", [])) + list(r["images"]) if task == "multi_study" else list(r["images"]))
-        if not cot:
-            reports = self.generate([c[:2] for c in convs], imgs, max_new_tokens)
-            return [{"findings": "", "report": rep} for rep in reports]
-        findings = self.generate([c[:2] for c in convs], imgs, max_new_tokens)
-        second = [c[:2] + [{"role": "assistant", "content": f}, c[3]] for c, f in zip(convs, findings)]
-        reports = self.generate(second, imgs, max_new_tokens)
-        return [{"findings": f, "report": rep} for f, rep in zip(findings, reports)]
-
-
-def pad_batch(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> dict:
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    label_t = torch.full((len(ids), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(ids, labels)):
-        sl = slice(width - len(x), width) if left else slice(0, len(x))
-        input_ids[i, sl] = torch.tensor(x)
-        label_t[i, sl] = torch.tensor(y)
-        mask[i, sl] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
-
 
 def packed_attention_kwargs(position_ids: torch.Tensor) -> dict:
     """flash-attention's variable-length arguments for packed rows: the rows laid end to end, a
@@ -291,20 +247,27 @@ def packed_attention_kwargs(position_ids: torch.Tensor) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def build_model(exp: Experiment, tokenizer: PreTrainedTokenizerBase, on_gpu: bool = False, dtype=None) -> M4CXR:
-    """The whole model of an experiment: encoder and LLM loaded (or built from their configs with
-    random weights), a fresh C-Abstractor, and LoRA on the LLM."""
+def build_model(exp: Experiment, tokenizer: PreTrainedTokenizerBase | None, on_gpu: bool = False, dtype=None,
+                vision: VisionEncoder | None = None, llm: nn.Module | None = None, projector: dict | None = None,
+                image: dict | None = None) -> M4CXR:
+    """The one way the model is put together: for training (everything from the experiment:
+    encoder and LLM loaded or built from their configs with random weights, a fresh C-Abstractor,
+    LoRA added), for a checkpoint (its encoder, its LLM with its adapter, its projector settings
+    and image settings given) and for the parameter summary (parts built on the meta device).
+    A given `llm` is used as it is: LoRA is added only to an LLM built here."""
     cfg = exp.model
-    vision = build_vision_encoder(cfg.vision_encoder, cfg.vision_config, exp.data.image_size)
-    attention = resolve_attention(cfg.attention, on_gpu)
-    llm = build_llm(cfg, attention, vocab_size=len(tokenizer) if cfg.llm_config else None, dtype=dtype)
-    projector = CAbstractor(
+    vision = vision or build_vision_encoder(cfg.vision_encoder, cfg.vision_config, exp.data.image_size)
+    if llm is None:
+        attention = resolve_attention(cfg.attention, on_gpu)
+        vocab = len(tokenizer) if cfg.llm_config and tokenizer is not None else None
+        llm = add_lora(build_llm(cfg, attention, vocab_size=vocab, dtype=dtype), cfg)
+    projector = projector or dict(
         num_input_tokens=vision.num_tokens(exp.data.image_size), encoder_dim=vision.hidden_size,
-        llm_dim=llm.config.hidden_size, hidden_size=cfg.projector.hidden_size, depth=cfg.projector.depth,
-        mlp_depth=cfg.projector.mlp_depth, num_query_tokens=cfg.projector.num_query_tokens,
-    )
-    return M4CXR(vision, projector, add_lora(llm, cfg), tokenizer, exp.data.image_size, cfg.image_mean,
-                 cfg.image_std, exp.data.box_convention)
+        llm_dim=llm.get_input_embeddings().embedding_dim, hidden_size=cfg.projector.hidden_size,
+        depth=cfg.projector.depth, mlp_depth=cfg.projector.mlp_depth, num_query_tokens=cfg.projector.num_query_tokens)
+    image = image or dict(image_size=exp.data.image_size, image_mean=cfg.image_mean, image_std=cfg.image_std,
+                          box_convention=exp.data.box_convention)
+    return M4CXR(vision, CAbstractor(**projector), llm, tokenizer, **image)
 
 
 def describe_counts(counts: dict[str, int]) -> str:

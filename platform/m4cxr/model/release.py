@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model, PretrainedConfig
 
@@ -162,8 +163,6 @@ def projector_settings(release_config: dict, shapes: dict[str, tuple[int, ...]])
 def expected_layout(vision: PretrainedConfig, llm: PretrainedConfig, projector: dict,
                     lora: dict | None) -> dict[str, dict[str, tuple[int, ...]]]:
     """Every tensor of our model's parts, name -> shape, built on the meta device (no memory)."""
-    from peft import LoraConfig, get_peft_model
-
     with torch.device("meta"):
         parts = {"vision": Dinov2Model(vision), "projector": CAbstractor(**projector),
                  "llm": AutoModelForCausalLM.from_config(llm)}
@@ -258,8 +257,6 @@ def import_release(base: str | Path, out: str | Path, adapter: str | Path | None
     vision / llm: the Rad-DINO and Mistral configurations (folder or hub id) where the release
     names ones not at hand; processor: the image processor's folder; tokenizer: where the release
     has none. Returns what was imported."""
-    from peft import LoraConfig
-
     base, out = Path(base), Path(out)
     adapter = Path(adapter) if adapter else None
     release_config = json.loads((base / "config.json").read_text()) if (base / "config.json").is_file() else {}

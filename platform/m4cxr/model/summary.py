@@ -16,8 +16,8 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model
 
 from m4cxr.config import Experiment
-from m4cxr.model.m4cxr import add_lora, llm_architecture
-from m4cxr.model.projector import CAbstractor
+from m4cxr.model.m4cxr import add_lora, build_model, llm_architecture
+from m4cxr.model.vision import VisionEncoder
 
 KNOWN = {"microsoft/rad-dino": "rad_dino", "mistralai/Mistral-7B-Instruct-v0.2": "mistral_7b_instruct_v0_2"}
 
@@ -54,18 +54,15 @@ def llm_config(exp: Experiment):
 def model_summary(exp: Experiment) -> dict:
     vcfg, lcfg = vision_config(exp), llm_config(exp)
     image_size = exp.data.image_size
-    with torch.device("meta"):
-        vision = Dinov2Model(vcfg)
-        llm = AutoModelForCausalLM.from_config(lcfg)
-        encoder_tokens = (image_size // vcfg.patch_size) ** 2
-        p = exp.model.projector
-        projector = CAbstractor(encoder_tokens, vcfg.hidden_size, lcfg.hidden_size, p.hidden_size, p.depth,
-                                p.mlp_depth, p.num_query_tokens)
-    count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
-    params = {"vision": count(vision), "projector": count(projector), "llm": count(llm)}
-    lora_model = add_lora(llm, exp.model)
-    lora = sum(t.numel() for n, t in lora_model.named_parameters() if "lora_" in n)
-    parts = {"vision_encoder": params["vision"], "projector": params["projector"], "llm_lora": lora, "llm": params["llm"]}
+    with torch.device("meta"):  # the model's own builder, on parts built from configs without weights
+        vision = VisionEncoder(Dinov2Model(vcfg))
+        llm = add_lora(AutoModelForCausalLM.from_config(lcfg), exp.model)
+        model = build_model(exp, tokenizer=None, vision=vision, llm=llm)
+    parts = {name: sum(t.numel() for t in params) for name, params in model.parts().items()}
+    params = {"vision": parts["vision_encoder"], "projector": parts["projector"], "llm": parts["llm"]}
+    lora = parts["llm_lora"]
+    encoder_tokens = vision.num_tokens(image_size)
+    p = exp.model.projector
     trainable = {stage: sum(parts[t] for t in getattr(exp.train, stage).trainable)
                  for stage in ("pretrain", "instruction")}
     return {

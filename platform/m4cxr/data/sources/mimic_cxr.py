@@ -38,6 +38,7 @@ from pathlib import Path
 from m4cxr.data.sources.common import (
     Collector, SourceError, chexpert_value, find_file, split_name, stream_table,
 )
+from m4cxr.labeler import label_report
 from m4cxr.data.sources.mimic_reports import clean_report, findings_section
 from m4cxr.tasks import chexbert_labels, cot_candidates, positive_findings
 
@@ -165,8 +166,6 @@ def unpack_labels(packed: bytes) -> dict[str, int]:
 def read(c: Collector) -> None:
     """Patient by patient (in subject order, each patient's studies in time): only one patient's
     reports are held, which is all that pairing a study with the previous one needs."""
-    from m4cxr.labeler import label_report
-
     index = c.context.mimic()
     for record, reason in index.skipped:
         c.skip(record, reason)
