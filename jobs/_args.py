@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
 def parser(description: str) -> argparse.ArgumentParser:
+    from m4cxr import log_progress  # after the path above
+
+    log_progress()  # the platform's progress lines on stderr
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default="experiments/quickstart.yaml", help="experiment file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

@@ -21,13 +21,21 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import signal
 import sys
+import threading
 from collections import Counter
+from pathlib import Path
 
+from m4cxr import log_progress
 from m4cxr.config import (
     ConfigError, Experiment, apply_override, dump_experiment, experiment_from_dict, load_experiment,
 )
+
+# Each command imports the layers it uses when it runs, so that `m4cxr --help` and the light
+# commands start without loading torch, transformers or Ray.
 
 
 def _experiment(args) -> Experiment:
@@ -211,9 +219,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import signal
-    import threading
-
     from ray import serve
 
     from m4cxr.serve.apps import run_services
@@ -249,10 +254,8 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_label(args) -> int:
-    import csv
-
-    from m4cxr.tasks import chexbert_labels
     from m4cxr.labeler import label_report
+    from m4cxr.tasks import chexbert_labels
 
     with open(args.reports, newline="") as f:
         reader = csv.DictReader(f)
@@ -271,8 +274,6 @@ def cmd_label(args) -> int:
 
 
 def cmd_score_nlg(args) -> int:
-    from pathlib import Path
-
     from m4cxr.eval.metrics import nlg_scores
 
     hyps = Path(args.hyps).read_text().splitlines()
@@ -291,16 +292,29 @@ def cmd_score_nlg(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m4cxr", description="M4CXR on Ray: data, training, evaluation, sweeps, serving")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_config_commands(sub)
+    add_mixture_commands(sub)
+    add_train_commands(sub)
+    add_serve_commands(sub)
+    add_label_commands(sub)
+    add_model_commands(sub)
+    add_data_commands(sub)
+    return parser
 
-    def with_set(p):
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-        return p
 
+def with_set(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    return p
+
+
+def add_config_commands(sub) -> None:
     config = sub.add_parser("config", help="experiment files").add_subparsers(dest="action", required=True)
     p = with_set(config.add_parser("show", help="print the resolved config"))
     p.add_argument("file")
     p.set_defaults(func=cmd_config_show)
 
+
+def add_mixture_commands(sub) -> None:
     mixture = sub.add_parser("mixture", help="task mixtures").add_subparsers(dest="action", required=True)
     p = with_set(mixture.add_parser("show", help="pairs, probabilities and task-type shares"))
     p.add_argument("file")
@@ -309,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mixture_show)
 
+
+def add_train_commands(sub) -> None:
+    """train, eval and sweep."""
     p = with_set(sub.add_parser("train", help="train one stage on Ray"))
     p.add_argument("--stage", choices=["pretrain", "instruction"], required=True)
     p.add_argument("--config", required=True)
@@ -329,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="sweep name (default: <experiment>-sweep); rerun with it to continue")
     p.set_defaults(func=cmd_sweep)
 
+
+def add_serve_commands(sub) -> None:
+    """serve and quickstart."""
     p = sub.add_parser("serve", help="serve checkpoints with Ray Serve (mrg, grounding, vqa, OpenAI-style chat, the web page)")
     p.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]DIR",
                    help="a checkpoint folder; repeat as NAME=DIR to serve several (the first is the default)")
@@ -347,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="experiments/quickstart.yaml")
     p.set_defaults(func=cmd_quickstart)
 
+
+def add_label_commands(sub) -> None:
+    """label and score."""
     p = sub.add_parser("label", help="CheXpert-14 labels of report texts (rule-based labeler)")
     p.add_argument("reports", help="a CSV file of reports")
     p.add_argument("--column", default="Reports", help="the column holding the report text")
@@ -361,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score_nlg)
 
+
+def add_model_commands(sub) -> None:
     model = sub.add_parser("model", help="the model").add_subparsers(dest="action", required=True)
     p = with_set(model.add_parser("summary", help="parameter counts, built on the meta device"))
     p.add_argument("file")
@@ -376,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="the tokenizer's folder (default: the release's)")
     p.set_defaults(func=cmd_model_import)
 
+
+def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="corpora").add_subparsers(dest="action", required=True)
     p = with_set(data.add_parser("synth", help="write the synthetic CXR world"))
     p.add_argument("--out", required=True)
@@ -405,11 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--config")
     p.set_defaults(func=cmd_data_real_organs)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_progress()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:

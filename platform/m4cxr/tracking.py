@@ -97,7 +97,7 @@ class RunLog:
 
     def params(self, values: dict[str, Any]) -> None:
         if self.client:
-            from mlflow.entities import Param
+            from mlflow.entities import Param  # mlflow is optional (tracking.log_to)
 
             items = [Param(k, str(v)) for k, v in values.items()]
             for start in range(0, len(items), 100):  # MLflow takes 100 params per call
@@ -105,7 +105,7 @@ class RunLog:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.client:
-            from mlflow.entities import Metric
+            from mlflow.entities import Metric  # mlflow is optional (tracking.log_to)
 
             now = int(time.time() * 1000)
             items = [Metric(metric_key(k), float(v), now, step) for k, v in values.items()]
@@ -127,7 +127,7 @@ class RunLog:
 
     def finish(self) -> None:
         if self.client:
-            import mlflow
+            import mlflow  # optional (tracking.log_to)
 
             mlflow.flush_async_logging()
             self.client.set_terminated(self.run_id, "FINISHED")

@@ -145,36 +145,9 @@ def draw_frontal(anat: Anatomy, findings: list[Finding], size: int, rng: np.rand
     img = np.full((size, size), 0.03)
     body = _ellipse(X, Y, cx, 0.58, 0.45, 0.6, power=2.6) & (Y > 0.04)
     img[body] = 0.42
-
-    # Lungs: squarish ellipses (sharp costophrenic angles), markings from smooth noise.
-    lungs = {}
-    lung_cy = (anat.lung_top + anat.lung_bottom) / 2
-    lung_ry = (anat.lung_bottom - anat.lung_top) / 2
-    for side in ("right", "left"):
-        ry = lung_ry * (1.0 if side == "right" else 1.03)
-        cy = lung_cy + (0.0 if side == "right" else lung_ry * 0.03)
-        lungs[side] = _ellipse(X, Y, lung_centre(anat, side), cy, anat.lung_rx, ry, power=2.4)
+    lungs = _draw_lungs(img, X, Y, anat, size)
     lung_any = lungs["right"] | lungs["left"]
-    noise = np.random.default_rng(anat.noise_seed)
-    markings = 0.025 * _smooth_noise(noise, size, 0.01) + 0.02 * _smooth_noise(noise, size, 0.004)
-    hilum_glow = sum(
-        0.1 * np.exp(-(((X - (cx + (-1 if s == "right" else 1) * 0.09)) / 0.06) ** 2 + ((Y - 0.42) / 0.09) ** 2))
-        for s in ("right", "left")
-    )
-    img[lung_any] = (0.13 + markings + hilum_glow)[lung_any]
-
-    # Ribs: arcs over the lungs.
-    ribs = np.zeros_like(img)
-    rib_masks = {"right": [], "left": []}
-    for side in ("right", "left"):
-        lx = lung_centre(anat, side)
-        for i in range(9):
-            y0 = anat.lung_top + 0.02 + i * 0.066
-            curve = y0 + 0.05 * ((X - lx) / anat.lung_rx) ** 2 * (1 if side == "right" else 1)
-            band = (np.abs(Y - curve) < 0.009) & (np.abs(X - lx) < anat.lung_rx * 1.15) & body
-            rib_masks[side].append(band)
-            ribs[band] = 0.07
-    img += ribs
+    rib_masks = _draw_ribs(img, X, Y, anat, body)
 
     # Mediastinum, spine, trachea, heart.
     mediastinum = (np.abs(X - cx) < 0.055) & (Y > 0.06) & (Y < anat.heart_cy)
@@ -205,14 +178,7 @@ def draw_frontal(anat: Anatomy, findings: list[Finding], size: int, rng: np.rand
         box = _draw_finding(img, X, Y, anat, f, lungs, rib_masks, size, rng, body)
         if box is not None and f.kind in LOCALISED:
             boxes.append((index, box))
-    # Acquisition: AP films are a little brighter and blurrier; noise, blur, contrast, gamma.
-    if view == "AP":
-        img = img * 0.95 + 0.05
-    img = ndimage.gaussian_filter(img, 0.6 + (0.4 if view == "AP" else 0.0))
-    img = img + rng.normal(0, 0.015, img.shape)
-    img = np.clip((img - 0.5) * anat.contrast + 0.5, 0, 1) ** anat.gamma
-    pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
+    pixels = _acquire(img, anat, view, rng)
     organ_boxes = {
         "right lung": _bbox(lungs["right"]),
         "left lung": _bbox(lungs["left"]),
@@ -220,6 +186,52 @@ def draw_frontal(anat: Anatomy, findings: list[Finding], size: int, rng: np.rand
     }
     regions = _regions(anat, lungs, heart, clavicles, size, heart_cx, hrx)
     return Drawing(pixels, boxes, organ_boxes, regions)
+
+
+def _draw_lungs(img, X, Y, anat: Anatomy, size: int) -> dict[str, np.ndarray]:
+    """Lungs: squarish ellipses (sharp costophrenic angles), markings from smooth noise."""
+    lungs = {}
+    lung_cy = (anat.lung_top + anat.lung_bottom) / 2
+    lung_ry = (anat.lung_bottom - anat.lung_top) / 2
+    for side in ("right", "left"):
+        ry = lung_ry * (1.0 if side == "right" else 1.03)
+        cy = lung_cy + (0.0 if side == "right" else lung_ry * 0.03)
+        lungs[side] = _ellipse(X, Y, lung_centre(anat, side), cy, anat.lung_rx, ry, power=2.4)
+    lung_any = lungs["right"] | lungs["left"]
+    noise = np.random.default_rng(anat.noise_seed)
+    markings = 0.025 * _smooth_noise(noise, size, 0.01) + 0.02 * _smooth_noise(noise, size, 0.004)
+    hilum_glow = sum(
+        0.1 * np.exp(-(((X - (anat.cx + (-1 if s == "right" else 1) * 0.09)) / 0.06) ** 2 + ((Y - 0.42) / 0.09) ** 2))
+        for s in ("right", "left")
+    )
+    img[lung_any] = (0.13 + markings + hilum_glow)[lung_any]
+    return lungs
+
+
+def _draw_ribs(img, X, Y, anat: Anatomy, body) -> dict[str, list[np.ndarray]]:
+    """Ribs: arcs over the lungs; each side's masks from top to bottom."""
+    ribs = np.zeros_like(img)
+    rib_masks: dict[str, list[np.ndarray]] = {"right": [], "left": []}
+    for side in ("right", "left"):
+        lx = lung_centre(anat, side)
+        for i in range(9):
+            y0 = anat.lung_top + 0.02 + i * 0.066
+            curve = y0 + 0.05 * ((X - lx) / anat.lung_rx) ** 2
+            band = (np.abs(Y - curve) < 0.009) & (np.abs(X - lx) < anat.lung_rx * 1.15) & body
+            rib_masks[side].append(band)
+            ribs[band] = 0.07
+    img += ribs
+    return rib_masks
+
+
+def _acquire(img, anat: Anatomy, view: str, rng: np.random.Generator) -> np.ndarray:
+    """Acquisition: AP films are a little brighter and blurrier; noise, blur, contrast, gamma."""
+    if view == "AP":
+        img = img * 0.95 + 0.05
+    img = ndimage.gaussian_filter(img, 0.6 + (0.4 if view == "AP" else 0.0))
+    img = img + rng.normal(0, 0.015, img.shape)
+    img = np.clip((img - 0.5) * anat.contrast + 0.5, 0, 1) ** anat.gamma
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
 def _draw_finding(img, X, Y, anat, f: Finding, lungs, rib_masks, size, rng, body):

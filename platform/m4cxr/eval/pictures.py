@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from m4cxr.boxes import parse_box, to_pixels  # noqa: E402
-from m4cxr.data.schema import ImageStore, read_sample_table, samples_path  # noqa: E402
+from m4cxr.data.schema import ImageStore, read_sample_table  # noqa: E402
+from m4cxr.tasks import headline_task  # noqa: E402
 
 
 def draw_overlay(image, reference_boxes: list, predicted_box, title: str, path: str | Path) -> Path:
@@ -41,8 +42,10 @@ def draw_overlay(image, reference_boxes: list, predicted_box, title: str, path: 
 
 
 def grounding_overlays(predictions: pa.Table, results: dict, corpus_dir: str | Path, out_dir: str | Path,
-                       count: int, convention: str, task: str = "phrase_grounding") -> list[Path]:
-    """Overlays for the first `count` grounding predictions of `task`."""
+                       count: int, convention: str, task: str | None = None) -> list[Path]:
+    """Overlays for the first `count` grounding predictions of `task` (the headline grounding task
+    by default: phrase grounding)."""
+    task = task or headline_task("box")
     rows = [r for r in predictions.to_pylist() if r["task"] == task and not r["error"]][:count]
     if not rows:
         return []

@@ -11,14 +11,26 @@ the validation set only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from pathlib import Path
 
+from ray.data import DataContext, ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from m4cxr.config import Experiment, to_dict
+from m4cxr.data.pipeline import validation_set
+from m4cxr.data.schema import read_sample_table
+from m4cxr.model.checkpoint import read_info
+from m4cxr.model.tokenizer import corpus_texts, train_tiny_tokenizer
 from m4cxr.ray_cluster import init_ray
 from m4cxr.train.lineage import lineage_problems, read_metrics, restart_costs, surviving_rows
+from m4cxr.train.loop import train_loop_per_worker
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "instruction")
 
@@ -41,21 +53,16 @@ def prepare_tokenizer(exp: Experiment, corpus_dir: str | Path) -> str:
         return tokenizer_dir(exp, corpus_dir)
     path = Path(corpus_dir) / "tokenizer"
     if not (path / "tokenizer.json").exists():
-        from m4cxr.data.schema import read_sample_table
-        from m4cxr.model.tokenizer import corpus_texts, train_tiny_tokenizer
-
         turns = read_sample_table(corpus_dir, "train").column("turns").to_pylist()
         tok = train_tiny_tokenizer(corpus_texts(turns), exp.model.tokenizer_vocab_size)
         tok.save_pretrained(path)
-        print(f"prepare: trained a {len(tok)}-token BPE tokenizer on {corpus_dir} -> {path}")
+        logger.info(f"prepare: trained a {len(tok)}-token BPE tokenizer on {corpus_dir} -> {path}")
     return str(path)
 
 
 def check_fits_checkpoint(exp: Experiment, checkpoint: str | Path) -> None:
     """The experiment's data settings must be the checkpoint's: the corpus is tokenised and its
     images resized by the experiment, the model was trained on its own."""
-    from m4cxr.model.checkpoint import read_info
-
     info = read_info(checkpoint)
     settings = {"data.image_size": (exp.data.image_size, info["image_size"]),
                 "data.box_convention": (exp.data.box_convention, info["box_convention"]),
@@ -80,17 +87,9 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
               run_name: str | None = None, callbacks: list | None = None, track: bool = True) -> dict:
     """Train one stage; `callbacks` are Ray Train callbacks (a sweep passes Tune's report
     callback and track=False: Tune logs its trials itself)."""
-    from ray.data import DataContext, ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from m4cxr.data.pipeline import validation_set
-    from m4cxr.train.loop import train_loop_per_worker
-
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
     init_ray()
-    st = getattr(exp.train, stage)
     corpus_dir = str(Path(corpus_dir).resolve())
     if init_checkpoint:  # a model reads its own ids and pixels: its tokenizer, image size and tokens per image
         tok_dir = str(Path(init_checkpoint) / "tokenizer")
@@ -101,12 +100,25 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
     name = run_name or f"{exp.name}-{stage}"
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokens_per_image = exp.model.projector.num_query_tokens
     DataContext.get_current().enable_progress_bars = False  # the workers' step lines are the progress
     config = {"experiment": to_dict(exp), "source": exp.source, "stage": stage, "tokenizer_dir": tok_dir,
               "corpus_dir": corpus_dir, "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else "",
               "run_dir": str(run_dir), "final_dir": str(run_dir / "final"), "track": track}
-    trainer = TorchTrainer(
+    trainer = torch_trainer(exp, config, name, storage, callbacks)
+    started = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    summary = stage_summary(exp, stage, run_dir, config["final_dir"], time.time() - started)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def torch_trainer(exp: Experiment, config: dict, name: str, storage: Path, callbacks: list | None) -> TorchTrainer:
+    """The TorchTrainer of train/loop.py's workers, given the validation set only: each worker
+    streams its own training samples."""
+    tokens_per_image = exp.model.projector.num_query_tokens
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
@@ -119,29 +131,30 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
                                  max_failures=exp.train.max_failures,
                                  controller_failure_limit=capacity_retries(exp.train.capacity_wait_s)),
                              callbacks=callbacks or []),
-        datasets={"val": validation_set(exp, stage, corpus_dir, tok_dir, tokens_per_image)},
+        datasets={"val": validation_set(exp, config["stage"], config["corpus_dir"], config["tokenizer_dir"],
+                                        tokens_per_image)},
         dataset_config=DataConfig(datasets_to_split=[], execution_options={"val": ExecutionOptions(preserve_order=True)}),
     )
-    started = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+
+
+def stage_summary(exp: Experiment, stage: str, run_dir: Path, final_dir: str, seconds: float) -> dict:
+    """What metrics.jsonl says of the finished run: its last step, and the restarts and what they
+    cost. A run must never end with stream positions untrained or trained twice."""
+    st = getattr(exp.train, stage)
     rows = read_metrics(run_dir)
     last = surviving_rows(rows)[-1]
     restarts = restart_costs(rows)
     for r in restarts:
-        print(f"[{stage}] restart: resumed from the step-{r['resumed_from_step']} checkpoint, "
-              f"{r['steps_trained_again']} step(s) trained again, {r['seconds_lost']} s lost", flush=True)
+        logger.info(f"[{stage}] restart: resumed from the step-{r['resumed_from_step']} checkpoint, "
+                    f"{r['steps_trained_again']} step(s) trained again, {r['seconds_lost']} s lost")
     problems = lineage_problems(rows, st.training_steps, st.global_batch_size)
-    if problems:  # a run must never end with stream positions untrained or trained twice
+    if problems:
         raise RuntimeError(f"{run_dir}/metrics.jsonl: incomplete stream lineage: {'; '.join(problems[:3])}")
-    summary = {
+    return {
         "stage": stage, "steps": last["step"], "val_loss_first": last["val_loss_first"],
         "val_loss_last": last.get("val_loss"), "loss_last": last["loss"],
         "nonpad_token_share": round(last["nonpad_token_share"], 4), "skipped_samples": last["skipped_samples"],
-        "checkpoint": config["final_dir"], "run_dir": str(run_dir), "seconds": round(time.time() - started, 1),
+        "checkpoint": final_dir, "run_dir": str(run_dir), "seconds": round(seconds, 1),
         "restarts": len(restarts), "steps_trained_again": sum(r["steps_trained_again"] for r in restarts),
         "seconds_lost": round(sum(r["seconds_lost"] for r in restarts), 1), "restart_costs": restarts,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
