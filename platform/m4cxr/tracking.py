@@ -76,7 +76,8 @@ class RunLog:
                 from mlflow import MlflowClient  # optional: only when tracking.log_to has it
             except ImportError as err:
                 raise ImportError("tracking.log_to has mlflow but mlflow is not installed: pip install mlflow") from err
-            self.client = MlflowClient(tracking_uri=mlflow_uri(exp))
+            self.uri = mlflow_uri(exp)
+            self.client = MlflowClient(tracking_uri=self.uri)
             experiment_id = mlflow_experiment(self.client, exp, exp.name)
             id_file = run_dir / "mlflow_run_id"
             if id_file.is_file():
@@ -129,6 +130,9 @@ class RunLog:
         if self.client:
             import mlflow  # optional (tracking.log_to)
 
+            # flush_async_logging flushes the store of the process's tracking URI: make it this
+            # run's (else it would flush, and create, the default ./mlflow.db)
+            mlflow.set_tracking_uri(self.uri)
             mlflow.flush_async_logging()
             self.client.set_terminated(self.run_id, "FINISHED")
         if self.writer:
