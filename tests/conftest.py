@@ -7,6 +7,16 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(__file__).resolve().parent / "data" / "real"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_default_store_in_tmp(tmp_path_factory):
+    """MLflow's default store is ./mlflow.db: whatever reaches it (RunLog.finish flushes MLflow's
+    default store) would write one into the folder pytest runs in, the repository. Ray's
+    workers and the commands tests start inherit the variable."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow_default') / 'mlflow.db'}")
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance per test module (starting Ray takes seconds), with its dashboard

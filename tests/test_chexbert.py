@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from m4cxr.config import load_experiment
 from m4cxr.eval.scoring import labeler_agreement, report_labeler
-from m4cxr.labeler.chexbert import CONDITIONS, CheXbertLabeler
+from m4cxr.labeler.chexbert import CheXbertLabeler
 
 from conftest import ROOT
 
@@ -70,8 +70,28 @@ def bert_base_checkpoint(tmp_path_factory):
     return folder, encoder, heads
 
 
-def test_head_order_is_the_published_one():
-    assert CONDITIONS == PUBLISHED_CONDITIONS
+def test_each_head_is_read_as_its_observation_in_the_published_order(tmp_path):
+    """A checkpoint whose head i alone answers (positive, negative or uncertain by i) labels a
+    report with the i-th observation of the published order and that answer, nothing else."""
+    config = BertConfig(vocab_size=80, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    tokenizer = word_piece_tokenizer(tmp_path / "tok")
+    sizes = [2 if name == "No Finding" else 4 for name in PUBLISHED_CONDITIONS]
+
+    def head(classes, answer):  # zero weights: the bias alone picks the class, whatever the report
+        bias = torch.zeros(classes)
+        bias[answer] = 9.0
+        return torch.zeros(classes, config.hidden_size), bias
+
+    for i, name in enumerate(PUBLISHED_CONDITIONS):
+        answer = 1 if name == "No Finding" else 1 + i % 3  # classes: blank, positive, negative, uncertain
+        folder = tmp_path / f"head{i}"
+        folder.mkdir()
+        config.to_json_file(folder / "config.json")
+        published_layout_checkpoint(folder / "chexbert.pth", config,
+                                    [head(size, answer if j == i else 0) for j, size in enumerate(sizes)])
+        labeler = CheXbertLabeler(folder / "chexbert.pth", tokenizer)
+        expected = {name: {1: 1, 2: 0, 3: -1}[answer]}
+        assert labeler.label_reports(["the heart is enlarged", ""]) == [expected, expected]
 
 
 def test_bert_base_checkpoint_in_the_published_layout_is_loaded_and_run(bert_base_checkpoint, tmp_path):

@@ -11,6 +11,8 @@ from m4cxr.train.run import run_stage
 from conftest import ROOT
 from faults import Killer, at_step
 
+pytestmark = pytest.mark.slow  # trains on Ray with DeepSpeed
+
 pytest.importorskip("deepspeed")
 
 

@@ -12,6 +12,8 @@ from m4cxr.train.run import run_stage
 from conftest import ROOT
 from faults import Killer, after_checkpoint, at_step
 
+pytestmark = pytest.mark.slow  # kills Ray workers in training runs
+
 STEPS, BATCH = 16, 4
 
 

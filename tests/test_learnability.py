@@ -4,12 +4,15 @@ majority baseline on finding classification by a clear margin."""
 import time
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from m4cxr.config import SyntheticConfig
 from m4cxr.data.schema import ImageStore, read_samples
 from m4cxr.data.synthetic import synthesize
+
+pytestmark = pytest.mark.slow  # trains a CNN for about a minute
 
 
 def load_split(corpus, store, split):

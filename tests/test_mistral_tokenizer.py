@@ -160,6 +160,7 @@ def test_image_placeholders_expand_without_moving_other_ids(tok, task):
     assert sorted(len(r) for r in runs if r) == [361] * n_images  # each image is one run of 361
 
 
+@pytest.mark.slow
 def test_a_tiny_mistral_trains_on_ray_and_generates_with_the_real_tokenizer(ray_local, synthetic_corpus,
                                                                           mistral_folder, tmp_path):
     """The quickstart's tiny Mistral-shaped LLM with the 32,000-piece tokenizer: its embedding gets

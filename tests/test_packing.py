@@ -198,6 +198,7 @@ def test_flash_attention_arguments_and_no_mask_with_packing(world):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos[:1])
 
 
+@pytest.mark.slow
 def test_packed_training_through_ray(ray_local, synthetic_corpus, tmp_path):
     """data.packing through the real path: Ray Data stream -> Train worker -> packed micro-batches."""
     from m4cxr.train.run import run_stage

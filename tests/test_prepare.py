@@ -37,6 +37,7 @@ def prepared(ray_local, tmp_path_factory):
     return code, root / "corpus", json.loads((root / "corpus" / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_prepare_yields_every_pair_of_table_10_and_the_test_sets(prepared):
     code, corpus, manifest = prepared
     assert code == 0
@@ -52,6 +53,7 @@ def test_prepare_yields_every_pair_of_table_10_and_the_test_sets(prepared):
     assert counts["vqa"]["slake"] == {"test": 2}
 
 
+@pytest.mark.slow
 def test_stats_count_report_generation_by_the_papers_rules(prepared, capsys):
     """The MIMIC fixture's report-generation samples by rule (worked out in test_sources.py)."""
     from m4cxr.data.stats import corpus_stats
@@ -65,6 +67,7 @@ def test_stats_count_report_generation_by_the_papers_rules(prepared, capsys):
     assert "multi_study, no prior study (test)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_manifest_reports_skipped_records_rules_and_leakage(prepared):
     _, _, manifest = prepared
     # One planted malformed record per dataset, and a corrupt JPEG found when it is resized.
@@ -79,6 +82,7 @@ def test_manifest_reports_skipped_records_rules_and_leakage(prepared):
     assert manifest["leakage"]["ms_cxr_test_images_in_training"] == 0
 
 
+@pytest.mark.slow
 def test_boxes_preview_shows_every_dataset_with_boxes(prepared):
     _, corpus, manifest = prepared
     assert manifest["boxes_preview"]["datasets"] == [
@@ -88,6 +92,7 @@ def test_boxes_preview_shows_every_dataset_with_boxes(prepared):
         assert im.width >= 1000 and im.height >= 900  # 4 columns, 3 rows
 
 
+@pytest.mark.slow
 def test_images_are_stored_once_resized_with_their_boxes(prepared):
     _, corpus, _ = prepared
     index = {r["image_id"]: r for r in pq.read_table(corpus / "images.parquet").to_pylist()}
@@ -103,6 +108,7 @@ def test_images_are_stored_once_resized_with_their_boxes(prepared):
     assert all(0 <= v <= SIZE for s in jsrt for b in s.boxes for v in b["box"])
 
 
+@pytest.mark.slow
 def test_dicom_is_read_with_its_photometric_interpretation_and_no_patient_tag_is_kept(prepared):
     _, corpus, _ = prepared
     for path in corpus.rglob("*"):
@@ -114,12 +120,14 @@ def test_dicom_is_read_with_its_photometric_interpretation_and_no_patient_tag_is
     assert np.corrcoef(stored.ravel(), original.ravel())[0, 1] > 0.9  # MONOCHROME1 inverted back
 
 
+@pytest.mark.slow
 def test_leakage_command_on_a_clean_corpus(prepared, capsys):
     _, corpus, _ = prepared
     assert main(["data", "leakage", str(corpus)]) == 0
     assert "(ok)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_planted_leaks_fail_loudly(ray_local, tmp_path, capsys):
     sources = F.all_sources(tmp_path / "datasets", leak=True)
     code = main(prepare_args(sources, tmp_path / "corpus"))
@@ -155,6 +163,7 @@ def test_adapters_spool_their_samples_in_chunks_instead_of_holding_them(tmp_path
     assert mimic.num_row_groups == 7  # its 26 samples
 
 
+@pytest.mark.slow
 def test_a_small_chunk_size_writes_the_same_corpus_in_more_row_groups(prepared, tmp_path):
     from m4cxr.config import load_experiment
     from m4cxr.data.prepare import prepare
@@ -185,6 +194,7 @@ def test_bad_source_arguments_are_named(capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_paper_test_sets_are_evaluated_from_a_prepared_corpus(prepared):
     import pyarrow as pa
 

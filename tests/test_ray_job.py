@@ -16,6 +16,8 @@ from m4cxr.train.lineage import lineage_problems, read_metrics
 from conftest import ROOT
 from local_cluster import ATTEMPT_S, wait_for
 
+pytestmark = pytest.mark.slow  # a two-node Ray cluster
+
 
 @pytest.mark.timeout(600)
 def test_job_on_two_nodes_survives_a_lost_node(cluster, synthetic_corpus, tmp_path):

@@ -348,6 +348,7 @@ def test_the_projector_equals_timms_where_timm_imports():
     assert torch.allclose(ours(x), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_imported_release_is_served_on_both_engines_evaluated_and_fine_tuned(ray_local, imported, synthetic_corpus,
                                                                                 tmp_path):
     """What a group does with the release: serve it (vLLM and transformers give the same greedy

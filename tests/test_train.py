@@ -15,6 +15,7 @@ from conftest import ROOT
 from faults import Killer, at_step
 
 
+@pytest.mark.slow
 def test_rerun_with_the_same_name_resumes_a_failed_run(ray_local, synthetic_corpus, tmp_path):
     corpus, _ = synthetic_corpus
     args = [f"train.output_dir={tmp_path}", "train.instruction.training_steps=8", "train.instruction.max_steps=8",
@@ -36,6 +37,7 @@ def test_rerun_with_the_same_name_resumes_a_failed_run(ray_local, synthetic_corp
     assert summary["restart_costs"][0]["resumed_from_step"] in (0, 3)
 
 
+@pytest.mark.slow
 def test_quickstart_learns(ray_local, quickstart_run):
     out, summary = quickstart_run
     on_disk = json.loads((out / "summary.json").read_text())

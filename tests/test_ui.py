@@ -1,7 +1,8 @@
 """The web page at /ui (serve/ui.py) as its users meet it: headless Chromium (Debian's `chromium`)
 driven by Playwright, and gradio_client on the page's named endpoints, over the services with the
 small quickstart's trained and evaluated checkpoint. What the page shows is held to what the API
-routes answer for the same input. Screenshots of each state go to docs/."""
+routes answer for the same input. Screenshots of each state go to the test's temporary folder;
+scripts/page_screenshots.py drives the page the same way to refresh the ones in docs/."""
 
 import base64
 import json
@@ -17,7 +18,6 @@ from dataset_fixtures import PATIENT_NAME, PATIENT_TAG_ID, write_dicom
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IMAGE = REAL / "cc_by" / "2c35005f.jpg"  # a real PA radiograph, CC BY 3.0 (tests/data/real/SOURCES.md)
-DOCS = ROOT / "docs"
 PHRASE = "There is a small left pleural effusion."
 
 
@@ -48,6 +48,7 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
+@pytest.mark.slow
 def test_gradio_client_gets_a_report_and_a_box(page_services, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -76,79 +77,105 @@ def test_gradio_client_gets_a_report_and_a_box(page_services, tmp_path):
                        api_name="/report")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium; .ci/run installs it)")
-def test_page_in_a_real_browser(page_services, tmp_path):
+def browse(url: str, shots: Path, work: Path, checkpoint_says: tuple[str, ...] = ()) -> None:
+    """A user's visit to the page at {url}/ui/ in headless Chromium: a report on a real radiograph,
+    a sentence of it grounded, a drawn box asked about, a DICOM and a corrupt file. What the page
+    shows is held to what the API routes answer; screenshots of the report, grounding and error
+    states go to shots (scripts/page_screenshots.py refreshes docs/ with them)."""
     from playwright.sync_api import expect, sync_playwright
 
-    from m4cxr.serve.ui import report_sentences
-
-    api_report = post(f"{page_services}/mrg", {"scenario": "single_image", "images": [b64(IMAGE)]})
-    sentence = report_sentences(api_report["report"])[0]
-    api_box = post(f"{page_services}/grounding", {"image": b64(IMAGE), "phrase": sentence})
-    dicom = write_dicom(tmp_path / "study.dcm", size=(256, 256))  # carries a patient name and id
-    api_dicom = post(f"{page_services}/mrg", {"scenario": "single_image", "images": [b64(dicom)]})
-    corrupt = tmp_path / "scan.png"
-    corrupt.write_bytes((REAL / "cc_by" / "ARDSSevere.png").read_bytes()[:5000])  # a real PNG, cut short
-    DOCS.mkdir(exist_ok=True)
-
+    shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(f"{page_services}/ui/")
+        page.goto(f"{url}/ui/")
         expect(page.get_by_text("A research model, not a diagnostic device")).to_be_visible(timeout=60_000)
-        info = page.locator("#checkpoint-info")
-        expect(info).to_contain_text("quickstart")  # the experiment, and its evaluation's labeler
-        expect(info).to_contain_text("labeler: rule-based CheXpert-14 labeler")
-
-        # report generation on a real radiograph: the findings, then the report, as the API gives them
-        page.locator("#study-files input[type=file]").set_input_files(str(IMAGE))
-        expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
-        page.locator("#report-button").click()
-        expect(page.locator("#report-text textarea")).to_have_value(api_report["report"], timeout=120_000)
-        expect(page.locator("#findings-text textarea")).to_have_value(api_report["findings_text"])
-        for chip in api_report["findings"] or ["Not found."]:
-            expect(page.locator("#findings-chips")).to_contain_text(chip)
-        page.screenshot(path=str(DOCS / "ui_report.png"), full_page=True)
-
-        # a sentence of the report, clicked: grounded, its box drawn on the image
-        page.locator("#sentences label").first.click()
-        expect(page.locator("#ground-answer textarea")).to_have_value(api_box["answer"], timeout=60_000)
-        expect(page.locator("#boxed img")).to_be_visible()  # the image, with the model's box when it gave one
-        page.screenshot(path=str(DOCS / "ui_grounding.png"), full_page=True)
-
-        # the reverse question: two clicks on the image make the box asked about
-        canvas = page.locator("#canvas img")
-        size = canvas.bounding_box()
-        canvas.click(position={"x": 0.2 * size["width"], "y": 0.3 * size["height"]})
-        # the second click only after the first is taken (its corner shown), or both carry no corner
-        expect(page.locator("#box-preview img")).to_be_visible(timeout=30_000)
-        canvas.click(position={"x": 0.6 * size["width"], "y": 0.8 * size["height"]})
-        box_text = page.locator("#box-text textarea")
-        expect(box_text).not_to_have_value("", timeout=30_000)
-        box = json.loads(box_text.input_value())
-        assert all(abs(a - b) <= 2 for a, b in zip(box, [20, 30, 60, 80])), box
-        expect(page.locator("#box-preview img")).to_be_visible()
-        page.locator("#box-button").click()
-        expect(page.locator("#box-answer textarea")).not_to_have_value("", timeout=60_000)
-
-        # a DICOM: its pixels are shown and reported on, its patient tags nowhere
-        page.get_by_role("tab", name="Report").click()
-        page.locator("#study-files button[aria-label='Clear']").first.click()
-        page.locator("#study-files input[type=file]").set_input_files(str(dicom))
-        expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
-        page.locator("#report-button").click()
-        expect(page.locator("#report-text textarea")).to_have_value(api_dicom["report"], timeout=120_000)
-        html = page.content()
-        assert PATIENT_NAME not in html and PATIENT_TAG_ID not in html
-
-        # a corrupt file: the API's message, shown in the page
-        page.locator("#study-files button[aria-label='Clear']").first.click()
-        page.locator("#study-files input[type=file]").set_input_files(str(corrupt))
-        expect(page.get_by_text("study file 1: corrupt PNG data")).to_be_visible(timeout=30_000)
-        page.locator("#report-button").click()
-        expect(page.get_by_text("images[0]: corrupt PNG data").first).to_be_visible(timeout=30_000)
-        page.screenshot(path=str(DOCS / "ui_error.png"), full_page=True)
+        for text in checkpoint_says:
+            expect(page.locator("#checkpoint-info")).to_contain_text(text)
+        report_and_grounding(page, url, shots)
+        box_question(page)
+        dicom_and_corrupt_file(page, url, shots, work)
         browser.close()
+
+
+def report_and_grounding(page, url: str, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    from m4cxr.serve.ui import report_sentences
+
+    api_report = post(f"{url}/mrg", {"scenario": "single_image", "images": [b64(IMAGE)]})
+    api_box = post(f"{url}/grounding", {"image": b64(IMAGE), "phrase": report_sentences(api_report["report"])[0]})
+    # report generation on a real radiograph: the findings, then the report, as the API gives them
+    page.locator("#study-files input[type=file]").set_input_files(str(IMAGE))
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
+    page.locator("#report-button").click()
+    expect(page.locator("#report-text textarea")).to_have_value(api_report["report"], timeout=120_000)
+    expect(page.locator("#findings-text textarea")).to_have_value(api_report["findings_text"])
+    for chip in api_report["findings"] or ["Not found."]:
+        expect(page.locator("#findings-chips")).to_contain_text(chip)
+    page.screenshot(path=str(shots / "ui_report.png"), full_page=True)
+
+    # a sentence of the report, clicked: grounded, its box drawn on the image
+    page.locator("#sentences label").first.click()
+    expect(page.locator("#ground-answer textarea")).to_have_value(api_box["answer"], timeout=60_000)
+    expect(page.locator("#boxed img")).to_be_visible()  # the image, with the model's box when it gave one
+    page.screenshot(path=str(shots / "ui_grounding.png"), full_page=True)
+
+
+def box_question(page) -> None:
+    """The reverse question: two clicks on the image make the box asked about."""
+    from playwright.sync_api import expect
+
+    canvas = page.locator("#canvas img")
+    size = canvas.bounding_box()
+    canvas.click(position={"x": 0.2 * size["width"], "y": 0.3 * size["height"]})
+    # the second click only after the first is taken (its corner shown), or both carry no corner
+    expect(page.locator("#box-preview img")).to_be_visible(timeout=30_000)
+    canvas.click(position={"x": 0.6 * size["width"], "y": 0.8 * size["height"]})
+    box_text = page.locator("#box-text textarea")
+    expect(box_text).not_to_have_value("", timeout=30_000)
+    box = json.loads(box_text.input_value())
+    assert all(abs(a - b) <= 2 for a, b in zip(box, [20, 30, 60, 80])), box
+    expect(page.locator("#box-preview img")).to_be_visible()
+    page.locator("#box-button").click()
+    expect(page.locator("#box-answer textarea")).not_to_have_value("", timeout=60_000)
+
+
+def dicom_and_corrupt_file(page, url: str, shots: Path, work: Path) -> None:
+    from playwright.sync_api import expect
+
+    dicom = write_dicom(work / "study.dcm", size=(256, 256))  # carries a patient name and id
+    api_dicom = post(f"{url}/mrg", {"scenario": "single_image", "images": [b64(dicom)]})
+    corrupt = work / "scan.png"
+    corrupt.write_bytes((REAL / "cc_by" / "ARDSSevere.png").read_bytes()[:5000])  # a real PNG, cut short
+
+    # a DICOM: its pixels are shown and reported on, its patient tags nowhere
+    page.get_by_role("tab", name="Report").click()
+    page.locator("#study-files button[aria-label='Clear']").first.click()
+    page.locator("#study-files input[type=file]").set_input_files(str(dicom))
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
+    page.locator("#report-button").click()
+    expect(page.locator("#report-text textarea")).to_have_value(api_dicom["report"], timeout=120_000)
+    html = page.content()
+    assert PATIENT_NAME not in html and PATIENT_TAG_ID not in html
+
+    # a corrupt file: the API's message, shown in the page
+    page.locator("#study-files button[aria-label='Clear']").first.click()
+    page.locator("#study-files input[type=file]").set_input_files(str(corrupt))
+    expect(page.get_by_text("study file 1: corrupt PNG data")).to_be_visible(timeout=30_000)
+    page.locator("#report-button").click()
+    expect(page.get_by_text("images[0]: corrupt PNG data").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(shots / "ui_error.png"), full_page=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium; .ci/run installs it)")
+def test_page_in_a_real_browser(page_services, tmp_path):
+    # the checkpoint's experiment, and its evaluation's labeler
+    browse(page_services, tmp_path / "shots", tmp_path,
+           checkpoint_says=("quickstart", "labeler: rule-based CheXpert-14 labeler"))
+    assert sorted(p.name for p in (tmp_path / "shots").iterdir()) == ["ui_error.png", "ui_grounding.png",
+                                                                      "ui_report.png"]
 
     logs = Path("/tmp/ray/session_latest/logs")  # Serve's replica and access logs
     for path in logs.rglob("*"):
@@ -157,6 +184,7 @@ def test_page_in_a_real_browser(page_services, tmp_path):
             assert PATIENT_NAME.encode() not in text and PATIENT_TAG_ID.encode() not in text, path
 
 
+@pytest.mark.slow
 def test_with_api_keys_the_page_asks_for_one(page_services, quickstart_run):
     from urllib.parse import urlparse
 

@@ -70,14 +70,14 @@ class RunLog:
 
     def __init__(self, exp: Experiment, run_name: str, run_dir: str | Path, kind: str):
         self.client = self.run_id = self.writer = None
+        self.queued: list = []  # MLflow's RunOperations of the metrics logged without waiting
         run_dir = Path(run_dir)
         if "mlflow" in exp.tracking.log_to:
             try:
                 from mlflow import MlflowClient  # optional: only when tracking.log_to has it
             except ImportError as err:
                 raise ImportError("tracking.log_to has mlflow but mlflow is not installed: pip install mlflow") from err
-            self.uri = mlflow_uri(exp)
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = MlflowClient(tracking_uri=mlflow_uri(exp))
             experiment_id = mlflow_experiment(self.client, exp, exp.name)
             id_file = run_dir / "mlflow_run_id"
             if id_file.is_file():
@@ -113,7 +113,8 @@ class RunLog:
             # queued, not written in the training loop (a synchronous write to SQLite took 9 ms a
             # step); a killed worker loses at most the queue, whose steps its restart trains again
             for start in range(0, len(items), 1000):
-                self.client.log_batch(self.run_id, metrics=items[start:start + 1000], synchronous=False)
+                self.queued.append(self.client.log_batch(self.run_id, metrics=items[start:start + 1000],
+                                                         synchronous=False))
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(k, float(v), step)
@@ -128,12 +129,9 @@ class RunLog:
 
     def finish(self) -> None:
         if self.client:
-            import mlflow  # optional (tracking.log_to)
-
-            # flush_async_logging flushes the store of the process's tracking URI: make it this
-            # run's (else it would flush, and create, the default ./mlflow.db)
-            mlflow.set_tracking_uri(self.uri)
-            mlflow.flush_async_logging()
+            for operation in self.queued:  # this run's queue (mlflow.flush_async_logging would
+                operation.wait()          # flush, and create, the default store ./mlflow.db)
+            self.queued = []
             self.client.set_terminated(self.run_id, "FINISHED")
         if self.writer:
             self.writer.close()
