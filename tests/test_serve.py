@@ -114,6 +114,7 @@ def post(url: str, body, headers: dict | None = None, raw: bytes | None = None) 
         return err.code, payload, dict(err.headers)
 
 
+@pytest.mark.slow
 def test_every_route_answers(each_engine, xray):
     b64 = png_b64(xray)
     status, body, _ = post(f"{each_engine}/mrg", {"scenario": "single_image", "images": [b64]})
@@ -142,6 +143,7 @@ def events(url: str, body: dict) -> list:
     return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines if line.startswith("data: ")]
 
 
+@pytest.mark.slow
 def test_mrg_streams_the_findings_then_the_report(each_engine, xray):
     body = {"scenario": "multi_image", "images": [png_b64(xray)] * 2}
     status, whole, _ = post(f"{each_engine}/mrg", body)
@@ -172,6 +174,7 @@ def bomb_png() -> str:
     return base64.b64encode(png).decode()
 
 
+@pytest.mark.slow
 def test_bad_requests_get_their_own_4xx(each_engine, xray):
     b64 = png_b64(xray)
     good_png = base64.b64decode(b64)
@@ -219,6 +222,7 @@ def test_bad_requests_get_their_own_4xx(each_engine, xray):
     assert status == 404 and "unknown model 'nope'" in payload["error"]
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_requests_and_batching_changes_nothing(each_engine, xray):
     b64 = png_b64(xray)
     questions = [f"Is there finding number {i} in this image?" for i in range(16)]
@@ -229,6 +233,7 @@ def test_sixteen_concurrent_requests_and_batching_changes_nothing(each_engine, x
     assert [r[1]["answer"] for r in results[:4]] == alone  # batched answers equal one-by-one answers
 
 
+@pytest.mark.slow
 def test_checkpoints_are_chosen_per_request(each_engine, xray):
     b64 = png_b64(xray)
     body = {"images": [b64], "question": "Is the heart enlarged?"}
@@ -239,6 +244,7 @@ def test_checkpoints_are_chosen_per_request(each_engine, xray):
     assert other[1]["answer"] != default  # different adapters answer differently
 
 
+@pytest.mark.slow
 def test_vllm_answers_as_transformers_does_with_both_adapters_on_one_engine(services, hf_services, xray):
     """Greedy in float32, the vLLM engine (prompt embeddings, LoRA) writes the transformers
     engine's answers, for each checkpoint and for the report's two turns; the checkpoints share one
@@ -260,6 +266,7 @@ def test_vllm_answers_as_transformers_does_with_both_adapters_on_one_engine(serv
     assert info["engine"] == "vllm" and info["shares_engine_with"] == ["default", "other"]
 
 
+@pytest.mark.slow
 def test_dicom_is_read_with_its_photometric_interpretation_and_no_patient_data(services):
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -296,6 +303,7 @@ def findings_request(xray) -> list[dict]:
                                          {"type": "text", "text": "Provide a description of the findings."}]}]
 
 
+@pytest.mark.slow
 def test_openai_client_two_turn_chat_with_an_image(services, xray):
     from openai import OpenAI
 
@@ -314,6 +322,7 @@ def test_openai_client_two_turn_chat_with_an_image(services, xray):
         client.chat.completions.create(model="default", messages=[{"role": "assistant", "content": "hi"}])
 
 
+@pytest.mark.slow
 def test_openai_client_streams_samples_and_counts(each_engine, services, xray):
     """What the OpenAI contract promises, through the openai client: streamed chunks that add up
     to the answer, n choices, seeded sampling that repeats and temperature that varies, token
@@ -363,6 +372,7 @@ def test_openai_client_streams_samples_and_counts(each_engine, services, xray):
         client.chat.completions.create(model="default", messages=messages, extra_body={"my_field": 1})
 
 
+@pytest.mark.slow
 def test_each_application_takes_only_its_own_args_and_the_model_keeps_its_token_limit(services, tiny_checkpoints,
                                                                                      xray):
     from ray import serve
@@ -382,6 +392,7 @@ def test_each_application_takes_only_its_own_args_and_the_model_keeps_its_token_
         serve.delete("long")
 
 
+@pytest.mark.slow
 def test_api_keys_are_required_when_set_and_never_logged(services, tiny_checkpoints, monkeypatch):
     import glob
 
@@ -454,6 +465,18 @@ def test_vllm_settings_are_refused_on_the_transformers_engine(tiny_checkpoints):
         ModelServer.func_or_class(tiny_checkpoints, engine="hf", engine_args={"max_num_seqs": 4})
 
 
+def test_a_model_server_whose_init_failed_is_finalized_quietly(tiny_checkpoints):
+    """__del__ runs on an object whose __init__ raised (or never ran): it has nothing to stop."""
+    from m4cxr.serve.model_server import ModelServer
+
+    cls = ModelServer.func_or_class
+    server = cls.__new__(cls)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        server.__init__(tiny_checkpoints, engine="tpu")
+    server.__del__()
+    cls.__new__(cls).__del__()  # __init__ never ran: no attribute at all
+
+
 def test_health_check_fails_when_the_model_cannot_generate(tiny_checkpoints):
     import asyncio
 
@@ -481,6 +504,7 @@ def test_health_check_fails_when_the_model_cannot_generate(tiny_checkpoints):
         asyncio.run(probe_generation(model))
 
 
+@pytest.mark.slow
 def test_over_capacity_gets_503_with_retry_after_and_accepted_requests_finish(services, tiny_checkpoints, xray):
     from ray import serve
 
@@ -501,6 +525,7 @@ def test_over_capacity_gets_503_with_retry_after_and_accepted_requests_finish(se
     serve.delete("busy")
 
 
+@pytest.mark.slow
 def test_model_replicas_rise_under_sustained_load_and_fall_after(services, tiny_checkpoints, xray):
     """The model application, on the default engine (vLLM where installed), autoscales on the
     load the routes send it (short delays here)."""
@@ -554,6 +579,7 @@ def test_model_replicas_rise_under_sustained_load_and_fall_after(services, tiny_
         serve.delete("scaling")
 
 
+@pytest.mark.slow
 def test_a_killed_vllm_engine_gets_503s_until_serve_replaces_its_replica(services, xray):
     """SIGKILL the vLLM engine process under the model replica: requests get 503 with Retry-After
     (never a 500) until Serve's health check has replaced the replica, then the same answer as
@@ -562,6 +588,7 @@ def test_a_killed_vllm_engine_gets_503s_until_serve_replaces_its_replica(service
     import time
 
     import psutil
+    import ray
     from ray.util.state import list_actors
 
     from m4cxr.serve.vllm_engine import vllm_installed
@@ -570,7 +597,9 @@ def test_a_killed_vllm_engine_gets_503s_until_serve_replaces_its_replica(service
         pytest.skip("vLLM is not installed")
 
     def replica() -> tuple[str, int]:
-        alive = [a for a in list_actors(filters=[("class_name", "=", "ServeReplica:model:ModelServer")])
+        # this test's cluster by its address: another Ray instance on the machine is not asked
+        alive = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                        filters=[("class_name", "=", "ServeReplica:model:ModelServer")])
                  if a.state == "ALIVE"]
         assert len(alive) == 1, alive
         return alive[0].actor_id, alive[0].pid

@@ -23,16 +23,24 @@ A request's problem (an unknown checkpoint, a prompt over the context limit) com
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from transformers import TextIteratorStreamer
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
+from m4cxr.model.checkpoint import llm_parts, load_checkpoint, read_experiment
+from m4cxr.model.tokenizer import encode_conversation
 from m4cxr.serve.inputs import RequestError
 from m4cxr.serve.openai_chat import Sampling
-from m4cxr.serve.vllm_engine import vllm_installed
+from m4cxr.serve.vllm_engine import VLLMEngine, engine_groups, vllm_installed
 
 log = logging.getLogger("ray.serve")
 ENGINES = ("auto", "vllm", "hf")
@@ -40,8 +48,6 @@ ENGINES = ("auto", "vllm", "hf")
 
 def read_evaluation(folder: str) -> dict | None:
     """The checkpoint's evaluation summary (eval/run.py writes evaluation.json beside it), if any."""
-    import json
-
     path = Path(folder) / "evaluation.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -63,8 +69,7 @@ class ModelServer:
     def __init__(self, checkpoints: dict[str, str], default: str = "default", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.02, max_new_tokens: int = 256, use_gpu: bool = False,
                  max_prompt_tokens: int = 0, engine: str = "auto", engine_args: dict[str, Any] | None = None):
-        import torch
-
+        self.engines: dict[str, Any] = {}  # checkpoint name -> the vLLM engine that serves it (first: __del__ reads it)
         if default not in checkpoints:
             raise ValueError(f"the default checkpoint {default!r} is not among {list(checkpoints)}")
         self.checkpoints = dict(checkpoints)
@@ -79,15 +84,11 @@ class ModelServer:
         self.engine = resolve_engine(engine)
         if engine_args and self.engine != "vllm":  # vLLM's settings would be silently unused
             raise ValueError(f"engine_args {sorted(engine_args)} are vLLM's, but the engine here is {self.engine!r}")
-        self.engines: dict[str, Any] = {}  # checkpoint name -> the vLLM engine that serves it
         if self.engine == "vllm":
             self.start_engines(use_gpu, engine_args or {})
 
     def start_engines(self, use_gpu: bool, engine_args: dict[str, Any]) -> None:
         """One vLLM engine per base LLM among the checkpoints; the GPU's memory shared between them."""
-        from m4cxr.model.checkpoint import llm_parts, read_experiment
-        from m4cxr.serve.vllm_engine import VLLMEngine, engine_groups
-
         groups = list(engine_groups(self.checkpoints).values())
         if use_gpu and "gpu_memory_utilization" not in engine_args:
             engine_args = {**engine_args, "gpu_memory_utilization": round(0.9 / len(groups), 3)}
@@ -100,7 +101,8 @@ class ModelServer:
             self.engines.update({n: engine for n in names})
 
     def __del__(self):
-        for engine in set(self.engines.values()):
+        # getattr: an __init__ that failed before self.engines was set leaves nothing to stop
+        for engine in set(getattr(self, "engines", {}).values()):
             try:
                 engine.shutdown()
             except Exception:  # an engine whose process died has nothing left to stop
@@ -110,8 +112,6 @@ class ModelServer:
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, model_id: str):
-        from m4cxr.model.checkpoint import load_checkpoint
-
         path = self.checkpoints.get(model_id)
         if path is None:
             raise RequestError(f"unknown model {model_id!r}; served: {list(self.checkpoints)}", 404)
@@ -212,10 +212,6 @@ class ModelServer:
 
     async def stream_answer(self, model, conversation: list[dict], images: list, sampling: Sampling):
         """The answer's text as it is generated (pieces), then its details as the last item."""
-        import threading
-
-        from transformers import TextIteratorStreamer
-
         streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         result: dict = {}
 
@@ -257,8 +253,6 @@ class ModelServer:
     def check_length(self, model, conversation: list[dict], new_tokens: int) -> None:
         """The model server's own limits: new tokens up to its max_new_tokens (whatever a route
         allows), prompt and new tokens within the context."""
-        from m4cxr.model.tokenizer import encode_conversation
-
         if new_tokens > self.max_new_tokens:
             raise RequestError(f"{new_tokens} new tokens asked; this model server generates at most "
                                f"{self.max_new_tokens}")
@@ -286,8 +280,6 @@ class ModelServer:
 async def probe_generation(model, generate=None) -> None:
     """Two tokens for a blank image, from model.generate or the async `generate`; raises when the
     model cannot generate."""
-    from PIL import Image
-
     conv = [{"role": "system", "content": model.system_prompt},
             {"role": "user", "content": "radiology image: <image> Answer the question. Is there a pneumothorax?"}]
     try:
@@ -301,8 +293,6 @@ async def probe_generation(model, generate=None) -> None:
 
 def serve_options(cfg: dict[str, Any]) -> dict[str, Any]:
     """Deployment options from a services config section (shared by the apps)."""
-    from ray.serve.config import BackpressureConfig
-
     out = {k: cfg[k] for k in ("max_ongoing_requests", "max_queued_requests", "autoscaling_config",
                                "ray_actor_options", "health_check_period_s", "health_check_timeout_s") if k in cfg}
     if "retry_after_s" in cfg:  # over capacity: 503 with Retry-After rather than an ever longer queue

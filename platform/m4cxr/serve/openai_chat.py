@@ -14,12 +14,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from m4cxr.serve.inputs import RequestError
+from pydantic import BeforeValidator, PrivateAttr, ValidationInfo, model_validator
 
-CHAT_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-               "top_p", "n", "stop", "seed")
+from m4cxr.serve.inputs import Body, RequestError, decode_image
+from m4cxr.tasks import IMAGE
+
 MAX_CHOICES = 8
 MAX_STOP = 4  # as OpenAI's API
 
@@ -39,61 +40,129 @@ class Sampling:
         return self.temperature == 0.0
 
 
-def reject_unknown(body: dict, allowed: tuple[str, ...], route: str) -> None:
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise RequestError(f"field(s) {unknown} are not supported by {route}; supported: {list(allowed)}")
+def number(low: float, high: float | None, integer: bool = False, null_is_default: bool = True) -> BeforeValidator:
+    """A number field from low to high (high None: the server's max_new_tokens, given as the
+    validation context); null is the default unless null_is_default is False."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is None and null_is_default:
+            return None
+        top = info.context["max_new_tokens"] if high is None else high
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= top:
+            kind = "an integer" if integer else "a number"
+            raise RequestError(f"field '{info.field_name}' must be {kind} from {low} to {top}, got {value!r}")
+        return value if integer else float(value)
+    return BeforeValidator(check)
 
 
-def number(body: dict, name: str, low: float, high: float, integer: bool = False) -> Any:
-    value = body[name]
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise RequestError(f"field '{name}' must be {kind} from {low} to {high}, got {value!r}")
-    return value
-
-
-def parse_sampling(body: dict, max_new_tokens: int) -> Sampling:
-    """The generation settings of a chat request, checked; max_new_tokens is the server's cap."""
-    if "max_tokens" in body and "max_completion_tokens" in body:
-        raise RequestError("give max_tokens or max_completion_tokens, not both")
-    limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = number(body, limit_name, 1, max_new_tokens, integer=True) if limit_name in body else max_new_tokens
-    stop = body.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) for s in stop):
-        stop = tuple(stop)
-    else:
+def stop_strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, list) and len(value) <= MAX_STOP and all(isinstance(s, str) for s in value)):
         raise RequestError(f"field 'stop' must be a string or a list of up to {MAX_STOP} strings")
-    if any(not s for s in stop):
+    if any(not s for s in value):
         raise RequestError("field 'stop' must not hold empty strings")
-    return Sampling(
-        max_tokens=int(max_tokens),
-        temperature=float(number(body, "temperature", 0, 2)) if body.get("temperature") is not None else 0.0,
-        top_p=float(number(body, "top_p", 0.01, 1)) if body.get("top_p") is not None else 1.0,
-        n=int(number(body, "n", 1, MAX_CHOICES, integer=True)) if body.get("n") is not None else 1,
-        stop=stop,
-        seed=int(number(body, "seed", 0, 2**63 - 1, integer=True)) if body.get("seed") is not None else None,
-    )
+    return tuple(value)
 
 
-def parse_stream(body: dict) -> tuple[bool, bool]:
-    """(stream, include_usage)."""
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError("field 'stream' must be true or false")
-    options = body.get("stream_options") or {}
-    if options and not stream:
-        raise RequestError("field 'stream_options' is only for stream: true")
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+def stream_settings(value: Any) -> dict | None:
+    if value and (not isinstance(value, dict) or set(value) - {"include_usage"}):
         raise RequestError("field 'stream_options' supports only {'include_usage': true|false}")
-    return stream, bool(options.get("include_usage", False))
+    return value or None
+
+
+TokenLimit = Annotated[int | None, number(1, None, integer=True, null_is_default=False)]
+
+
+class ChatRequest(Body):
+    """POST /v1/chat/completions: OpenAI's request, the fields we honour (see the module's doc)."""
+    route: ClassVar[str] = "/v1/chat/completions"
+    model: str | None = None
+    messages: Any = None
+    stream: bool | None = None
+    stream_options: Annotated[dict | None, BeforeValidator(stream_settings)] = None
+    max_tokens: TokenLimit = None
+    max_completion_tokens: TokenLimit = None
+    temperature: Annotated[float | None, number(0, 2)] = None
+    top_p: Annotated[float | None, number(0.01, 1)] = None
+    n: Annotated[int | None, number(1, MAX_CHOICES, integer=True)] = None
+    stop: Annotated[tuple[str, ...], BeforeValidator(stop_strings)] = ()
+    seed: Annotated[int | None, number(0, 2**63 - 1, integer=True)] = None
+    _turns: list[dict] = PrivateAttr(default_factory=list)  # the messages as our conversation
+    _images: list = PrivateAttr(default_factory=list)  # their images, decoded, in order
+
+    @model_validator(mode="after")
+    def consistent(self) -> ChatRequest:
+        if self.stream_options and not self.stream:
+            raise RequestError("field 'stream_options' is only for stream: true")
+        if {"max_tokens", "max_completion_tokens"} <= self.model_fields_set:
+            raise RequestError("give max_tokens or max_completion_tokens, not both")
+        if self.stream and (self.n or 1) > 1:
+            raise RequestError("n > 1 with stream: true is not supported; send one or the other")
+        self._turns, self._images = chat_turns(self.messages)
+        return self
+
+    @property
+    def turns(self) -> list[dict]:
+        return self._turns
+
+    @property
+    def images(self) -> list:
+        return self._images
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage", False))
+
+    def sampling(self, max_new_tokens: int) -> Sampling:
+        """The generation settings; max_new_tokens is the server's cap (and the default)."""
+        return Sampling(max_tokens=self.max_completion_tokens or self.max_tokens or max_new_tokens,
+                        temperature=self.temperature or 0.0, top_p=1.0 if self.top_p is None else self.top_p,
+                        n=self.n or 1, stop=self.stop, seed=self.seed)
+
+
+def message_text(part: dict, where: str) -> str:
+    text = str(part.get("text", ""))
+    if IMAGE in text:
+        raise RequestError(f"{where}: send images as image_url parts, not '{IMAGE}' text")
+    return text
+
+
+def chat_turns(messages: Any) -> tuple[list[dict], list]:
+    """OpenAI messages -> our conversation's turns (each image part becomes an <image> at its
+    place) and the images, decoded."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("field 'messages' must be a non-empty list")
+    turns, images = [], []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(f"{where} must be an object with role system, user or assistant")
+        content = m.get("content")
+        if not isinstance(content, (str, list)):
+            raise RequestError(f"{where}.content must be a string or a list of parts")
+        texts = []
+        for j, part in enumerate([{"type": "text", "text": content}] if isinstance(content, str) else content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(message_text(part, f"{where}.content[{j}]"))
+            elif kind == "image_url" and m["role"] == "user":
+                url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+                images.append(decode_image(url, f"{where}.content[{j}].image_url.url"))
+                texts.append(IMAGE)
+            else:
+                raise RequestError(f"{where}.content[{j}]: unsupported part {kind!r} (text, or image_url in user turns)")
+        turns.append({"role": m["role"], "content": " ".join(t.strip() for t in texts if t.strip())})
+    if turns[-1]["role"] != "user":
+        raise RequestError("the last message must be the user's")
+    return turns, images
+
+
+def with_system(turns: list[dict], system: str) -> list[dict]:
+    """The conversation with the checkpoint's system prompt first, unless it has its own."""
+    return turns if turns[0]["role"] == "system" else [{"role": "system", "content": system}] + turns
 
 
 def completion_id() -> str:

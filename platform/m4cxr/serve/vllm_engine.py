@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from m4cxr.model.checkpoint import llm_parts
+from m4cxr.serve.inputs import RequestError
 from m4cxr.serve.openai_chat import Sampling
+
+# vLLM is optional (the engine's only; transformers serves without it): imported where it is used.
 
 
 def vllm_installed() -> bool:
@@ -111,8 +114,6 @@ class VLLMEngine:
         leading and trailing white space never reach the client."""
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
-
-        from m4cxr.serve.inputs import RequestError
 
         try:
             async for item in self.answers(checkpoint, embeds, sampling, stream):
