@@ -1,6 +1,7 @@
-"""Sweeps: the search space applied to an experiment, the Pareto front, ASHA's rungs, trial
-resources, and a real multi-objective sweep on Ray Tune + Optuna whose winning experiment file
-trains and evaluates through the normal commands, tracked in MLflow and TensorBoard."""
+"""Sweeps: the search space applied to an experiment, the Pareto front and winner taken from the
+Optuna study, ASHA's rungs, trial resources, and a real multi-objective sweep on Ray Tune + Optuna
+whose winning experiment file trains and evaluates through the normal commands, tracked in MLflow
+and TensorBoard."""
 
 import csv
 import json
@@ -8,13 +9,15 @@ import os
 import subprocess
 import sys
 
+import optuna
 import pytest
 
 from m4cxr.config import ConfigError, load_experiment
 from m4cxr.data.mixture import build_mixture, pairs_from_config
-from m4cxr.sweep.report import pareto_front
+from m4cxr.sweep.report import optuna_plots, pareto_and_winner, study_trials
 from m4cxr.sweep.run import check_objectives, check_same_sweep, searcher_and_scheduler, trial_resources
 from m4cxr.sweep.space import apply_params, distributions, pair_param
+from m4cxr.sweep.study import TUNE_TRIAL
 
 from conftest import ROOT
 
@@ -51,12 +54,49 @@ def test_bad_spaces_and_objectives_are_named():
         check_objectives(load_experiment(SWEEP, ["tune.objectives={mrg_f1: max}"]))
 
 
-def test_pareto_front():
-    rows = [{"status": "completed", "a": 0.5, "b": 0.5}, {"status": "completed", "a": 0.6, "b": 0.1},
-            {"status": "completed", "a": 0.4, "b": 0.4}, {"status": "stopped early", "a": None, "b": None},
-            {"status": "completed", "a": 0.1, "b": 0.9}]
-    assert pareto_front(rows, {"a": "max", "b": "max"}) == [0, 1, 4]
-    assert pareto_front(rows, {"a": "min", "b": "max"}) == [4]
+def sweep_study(exp, trials, named=True):
+    """An Optuna study as a sweep leaves it: trials (name, lr, objective values, or None for a
+    trial stopped early), each named after its Tune trial unless named=False."""
+    directions = ["maximize" if m == "max" else "minimize" for m in exp.tune.objectives.values()]
+    study = optuna.create_study(directions=directions if exp.tune.objective == "multi" else ["maximize"])
+    fixed = {"share_mrg": 0.5, "share_image_understanding": 0.5, "share_vqa": 0.2,
+             pair_param("phrase_grounding/synthetic"): 1.0, "lora_r": 8}
+    for name, lr, values in trials:
+        study.add_trial(optuna.trial.create_trial(
+            params={**fixed, "lr": lr}, distributions=distributions(exp.tune.space), values=values,
+            state=optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.PRUNED,
+            user_attrs={TUNE_TRIAL: name} if named else {}))
+    rows = [{"trial": name, **fixed, "lr": lr} for name, lr, _ in trials]
+    return study, rows
+
+
+TRIALS = [("trial_a", 1e-4, [0.5, 0.5, 0.5]), ("trial_b", 2e-4, [0.6, 0.1, 0.1]), ("trial_c", 3e-4, [0.4, 0.4, 0.4]),
+          ("trial_d", 4e-4, None), ("trial_e", 5e-4, [0.1, 0.9, 0.45])]
+
+
+@pytest.mark.parametrize("named", [True, False])  # a trial without its Tune trial's name is found by its parameters
+def test_pareto_front_and_winner_come_from_the_study(named):
+    exp = load_experiment(SWEEP)
+    study, rows = sweep_study(exp, TRIALS, named)
+    trials = study_trials(study, rows, list(distributions(exp.tune.space)))
+    assert sorted(trials) == [name for name, _, _ in TRIALS]
+    # the winner: the Pareto trial with the best weighted sum (a: 1.5, e: 1.45, b: 0.8)
+    assert pareto_and_winner(exp, study, trials) == (["trial_a", "trial_b", "trial_e"], "trial_a")
+    exp = load_experiment(SWEEP, ["tune.objectives={mrg_mF1-14: min, grounding_mIoU: max, vqa_BLEU-1: max}"])
+    study, rows = sweep_study(exp, TRIALS, named)
+    assert pareto_and_winner(exp, study, study_trials(study, rows, ["lr"])) == (["trial_a", "trial_e"], "trial_e")
+
+
+def test_a_single_objective_winner_is_the_studys_best_trial(tmp_path):
+    exp = load_experiment(SWEEP, ["tune.objective=single"])
+    study, rows = sweep_study(exp, [("trial_a", 1e-4, [1.0]), ("trial_b", 2e-4, [2.0]), ("trial_c", 3e-4, None),
+                                    ("trial_d", 4e-4, [1.5])])
+    assert pareto_and_winner(exp, study, study_trials(study, rows, ["lr"])) == ([], "trial_b")
+    plots = optuna_plots(exp, study, tmp_path)
+    assert sorted(plots) == ["importance", "optimization_history", "parallel_coordinate"]
+    assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in plots)
+    study, rows = sweep_study(exp, [("trial_a", 1e-4, None)])
+    assert pareto_and_winner(exp, study, study_trials(study, rows, ["lr"])) == ([], None)
 
 
 def test_asha_stops_weak_trials_before_their_last_step_only(tmp_path):
@@ -105,6 +145,7 @@ def test_a_sweep_continued_with_other_settings_is_refused(tmp_path):
         check_same_sweep(load_experiment(SWEEP, ["tune.trial_steps=80"]), tmp_path)
 
 
+@pytest.mark.slow
 def test_sweep_pareto_winner_trains_evaluates_and_is_tracked(quickstart_run, tmp_path):
     """A multi-objective sweep end to end (the small quickstart's, from its stage-2 model; the
     command line's sweep, interrupted and continued, is in test_sweep_cluster.py), then its
@@ -120,6 +161,9 @@ def test_sweep_pareto_winner_trains_evaluates_and_is_tracked(quickstart_run, tmp
     assert summary["best_experiment"] == quickstart["sweep"]["best_experiment"]
     for name in ("pareto.png", "importance.png", "parallel_coordinate.png", "results.md", "timeline.png"):
         assert (sweep_dir / name).stat().st_size > 0, name
+    # the table's Pareto front is the study's, in Optuna's own storage
+    study = optuna.load_study(study_name="quickstart-sweep", storage=summary["optuna_storage"])
+    assert {t.user_attrs[TUNE_TRIAL] for t in study.best_trials} == {r["trial"] for r in rows if r["pareto"] == "True"}
 
     # the winning experiment file trains and evaluates through the normal commands
     best = summary["best_experiment"]

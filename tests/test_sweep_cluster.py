@@ -16,6 +16,8 @@ import pytest
 from conftest import ROOT, free_port
 from local_cluster import wait_for
 
+pytestmark = pytest.mark.slow  # a two-node Ray cluster
+
 TRIALS = 6
 
 
@@ -62,11 +64,13 @@ def test_asha_sweep_on_two_nodes_two_trials_at_a_time(cluster, synthetic_corpus,
             first.send_signal(signal.SIGINT)  # as a user pressing Ctrl-C
             first.wait(timeout=180)
         log.close()
+    first_trials = {path.name for path in (sweep_dir / "trials").glob("trial_*")}
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "continuing" in second.stdout
+    assert "continuing" in second.stdout + second.stderr  # the sweep's progress lines are log records
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
     assert len(rows) == TRIALS and len({r["trial"] for r in rows}) == TRIALS
+    assert first_trials <= {r["trial"] for r in rows}  # the trials the first run started are the sweep's
     statuses = [r["status"] for r in rows]
     assert "error" not in statuses and statuses.count("stopped early") >= 1, statuses
     assert statuses.count("completed") >= 1, statuses
@@ -82,6 +86,8 @@ def test_asha_sweep_on_two_nodes_two_trials_at_a_time(cluster, synthetic_corpus,
     best = max(float(r["objective"]) for r in rows if r["status"] == "completed")
     assert study.best_value == pytest.approx(best, rel=1e-6)
     assert [t.state for t in study.trials].count(optuna.trial.TrialState.PRUNED) == statuses.count("stopped early")
+    assert sorted(t.user_attrs["tune_trial"] for t in study.trials) == sorted(r["trial"] for r in rows)
+    assert summary["plot"].endswith("optimization_history.png") and os.path.getsize(summary["plot"]) > 0
     assert os.path.getsize(sweep_dir / "results.md") > 0
     # optuna-dashboard, a real client of that storage, serves the same study
     port = free_port()

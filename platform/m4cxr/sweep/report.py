@@ -1,33 +1,43 @@
-"""A sweep's outputs: the results table, the Pareto front, plots, and the winning experiment.
+"""A sweep's outputs: the results table, Optuna's plots of its study, and the winning experiment.
 
-    results.csv / results.md     one row per trial: status, parameters, objectives, validation loss
-    pareto.png                   the objectives pairwise, the Pareto front in red
-    importance.png               Optuna's parameter importances (its default, PED-ANOVA) for the first objective
-    parallel_coordinate.png      Optuna's parallel-coordinate plot for the first objective
+    results.csv / results.md     one row per trial (Tune's results): status, parameters, objectives,
+                                 validation loss, Pareto membership
+    pareto.png                   Optuna's Pareto-front plot of the study (multi-objective sweeps;
+                                 the first three objectives where there are more)
+    optimization_history.png     Optuna's optimisation history of the weighted sum (single-objective sweeps)
+    importance.png               Optuna's parameter importances (PED-ANOVA) for the first objective, or
+                                 the weighted sum in single-objective sweeps
+    parallel_coordinate.png      Optuna's parallel-coordinate plot for the same target
     timeline.png                 when each trial trained, by status: trials side by side, early stops
     best_experiment.yaml         the experiment with the winner's settings, at full training length:
                                  `m4cxr train` and serving take it as it is
-The winner of a multi-objective sweep is the Pareto trial with the best weighted sum
-(tune.weights); of a single-objective sweep, the trial with the best objective.
+The Pareto front and the winner come from the sweep's Optuna study, read back from its storage:
+the front is the study's best trials; the winner of a multi-objective sweep is the Pareto trial
+with the best weighted sum (tune.weights), of a single-objective sweep the study's best trial.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import FrozenTrial  # noqa: E402
+from optuna.visualization import matplotlib as ovm  # noqa: E402
 
 from m4cxr.config import Experiment, save_experiment  # noqa: E402
-from m4cxr.sweep.run import SINGLE, weighted_objective  # noqa: E402
 from m4cxr.sweep.space import apply_params, distributions  # noqa: E402
+from m4cxr.sweep.study import SINGLE, TUNE_TRIAL, load_study, weighted_objective  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def trial_rows(exp: Experiment, grid) -> list[dict[str, Any]]:
@@ -46,13 +56,33 @@ def trial_rows(exp: Experiment, grid) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def pareto_front(rows: list[dict], objectives: dict[str, str]) -> list[int]:
-    """Indices of the completed trials that no other completed trial dominates."""
-    done = [i for i, r in enumerate(rows) if r["status"] == "completed"]
-    sign = np.array([1.0 if m == "max" else -1.0 for m in objectives.values()])
-    values = {i: sign * np.array([rows[i][k] for k in objectives], dtype=float) for i in done}
-    return [i for i in done if not any(np.all(values[j] >= values[i]) and np.any(values[j] > values[i])
-                                       for j in done if j != i)]
+def study_trials(study: optuna.Study, rows: list[dict], params: list[str]) -> dict[str, FrozenTrial]:
+    """The study's trials by the name of their Tune trial (a row's "trial"): the name the searcher
+    recorded with each, or for a trial recorded without it, the row with the same parameters."""
+    names = {r["trial"] for r in rows}
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        name = t.user_attrs.get(TUNE_TRIAL) or next(
+            (r["trial"] for r in rows if t.params and all(r[p] == t.params.get(p) for p in params)), None)
+        if name in names:  # a study in shared storage may hold trials of an earlier sweep of that name
+            out[name] = t
+    return out
+
+
+def pareto_and_winner(exp: Experiment, study: optuna.Study,
+                      trials: dict[str, FrozenTrial]) -> tuple[list[str], str | None]:
+    """The Pareto front (multi-objective sweeps: the study's best trials) and the winning trial:
+    the Pareto trial with the best weighted sum, or in a single-objective sweep the study's best
+    trial; None where no trial completed."""
+    name_of = {t.number: name for name, t in trials.items()}
+    if exp.tune.objective == "multi":
+        front = sorted(name_of[t.number] for t in study.best_trials if t.number in name_of)
+        values = {name: dict(zip(exp.tune.objectives, trials[name].values)) for name in front}
+        return front, max(front, key=lambda name: weighted_objective(exp, values[name]), default=None)
+    try:
+        return [], name_of.get(study.best_trial.number)
+    except ValueError:  # no trial completed
+        return [], None
 
 
 def fmt(v: Any) -> str:
@@ -63,94 +93,91 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def write_table(rows: list[dict], pareto: list[int], out: Path) -> None:
+def write_table(rows: list[dict], pareto: list[str], out: Path) -> None:
     header = list(rows[0]) + ["pareto"]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for i, r in enumerate(rows):
-            writer.writerow([*r.values(), i in pareto])
+        for r in rows:
+            writer.writerow([*r.values(), r["trial"] in pareto])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in r.values()) + f" | {'yes' if i in pareto else ''} |"
-              for i, r in enumerate(rows)]
+    lines += ["| " + " | ".join(fmt(v) for v in r.values()) + f" | {'yes' if r['trial'] in pareto else ''} |"
+              for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_pareto(rows: list[dict], pareto: list[int], objectives: list[str], path: Path) -> Path:
-    done = [i for i, r in enumerate(rows) if r["status"] == "completed"]
-    pairs = [(a, b) for n, a in enumerate(objectives) for b in objectives[n + 1:]] or [(objectives[0], objectives[0])]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
-    for ax, (a, b) in zip(axes[0], pairs):
-        for i in done:
-            on_front = i in pareto
-            ax.scatter(rows[i][a], rows[i][b], c="red" if on_front else "grey", s=50 if on_front else 25, zorder=3)
-            ax.annotate(rows[i]["trial"].split("_")[-1][:6], (rows[i][a], rows[i][b]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(a)
-        ax.set_ylabel(b)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{len(done)} completed trials; Pareto front in red")
+def save_plot(ax, path: Path, size: tuple[float, float] | None = None) -> str:
+    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    if size:
+        fig.set_size_inches(*size)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
+    return str(path)
 
 
-def optuna_plots(exp: Experiment, rows: list[dict], out: Path) -> dict[str, str]:
-    """Importance and parallel-coordinate plots from Optuna, on a study rebuilt from the table."""
-    import optuna
-    from optuna.visualization import matplotlib as ovm
-
-    dists = distributions(exp.tune.space)
+def optuna_plots(exp: Experiment, study: optuna.Study, out: Path) -> dict[str, str]:
+    """Optuna's plots of the study: its Pareto front (multi-objective) or optimisation history
+    (single), and parameter importances and parallel coordinates for one target: the first
+    objective, or the weighted sum that a single-objective study holds."""
     objectives = list(exp.tune.objectives)
-    directions = ["maximize" if m == "max" else "minimize" for m in exp.tune.objectives.values()]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")  # handled by `sign`
-    study = optuna.create_study(directions=directions)
-    for r in rows:
-        if r["status"] == "completed":
-            study.add_trial(optuna.trial.create_trial(params={p: r[p] for p in dists}, distributions=dists,
-                                                      values=[r[k] for k in objectives]))
-    first = objectives[0]
-    # PED-ANOVA ranks parameters by how they reach LOW target values: flip objectives to maximise
-    sign = -1.0 if exp.tune.objectives[first] == "max" else 1.0
-    paths = {}
-    # PED-ANOVA named: it is Optuna 5's default, Optuna 4's (fANOVA) needs scikit-learn
-    pedanova = {"evaluator": optuna.importance.PedAnovaImportanceEvaluator()}
-    plots = {"parallel_coordinate": (ovm.plot_parallel_coordinate, lambda t: t.values[0], first, {}),
-             "importance": (ovm.plot_param_importances, lambda t: sign * t.values[0],
-                            first if sign > 0 else f"{first} (negated: higher is better)", pedanova)}
-    for name, (plot, target, target_name, extra) in plots.items():
+    if exp.tune.objective == "multi":
+        first = objectives[0]
+        # PED-ANOVA ranks parameters by how they reach LOW target values: flip objectives to maximise
+        sign = -1.0 if exp.tune.objectives[first] == "max" else 1.0
+        # Optuna draws 2 or 3 objectives; with more, the first three (the front is still the study's)
+        front = {"target_names": objectives[:3]} | ({"targets": lambda t: t.values[:3]} if len(objectives) > 3 else {})
+        plots = {"pareto": (ovm.plot_pareto_front, front),
+                 "parallel_coordinate": (ovm.plot_parallel_coordinate,
+                                         {"target": lambda t: t.values[0], "target_name": first}),
+                 "importance": (ovm.plot_param_importances,
+                                {"target": lambda t: sign * t.values[0],
+                                 "target_name": first if sign > 0 else f"{first} (negated: higher is better)"})}
+    else:  # the study's own value, which its direction (maximise) ranks
+        plots = {"optimization_history": (ovm.plot_optimization_history, {"target_name": SINGLE}),
+                 "parallel_coordinate": (ovm.plot_parallel_coordinate, {"target_name": SINGLE}),
+                 "importance": (ovm.plot_param_importances, {"target_name": SINGLE})}
+    with warnings.catch_warnings():
+        # Optuna's matplotlib plots and PED-ANOVA are marked experimental; PED-ANOVA's note on
+        # low target values is handled by `sign`
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+        # PED-ANOVA named: it is Optuna 5's default, Optuna 4's (fANOVA) needs scikit-learn
+        plots["importance"][1]["evaluator"] = optuna.importance.PedAnovaImportanceEvaluator()
+        drawn = {name: draw(plot, study, kwargs, out / f"{name}.png") for name, (plot, kwargs) in plots.items()}
+    return {name: path for name, path in drawn.items() if path}
+
+
+def draw(plot: Callable, study: optuna.Study, kwargs: dict, path: Path) -> str | None:
+    """One of Optuna's matplotlib plots of the study, saved to path; None where it cannot be drawn."""
+    with plt.rc_context():  # Optuna's plots switch matplotlib to their own style (ggplot): kept to them
         try:
-            ax = plot(study, target=target, target_name=target_name, **extra)
+            ax = plot(study, **kwargs)
         except (ValueError, RuntimeError) as err:  # too few completed trials, or no variation
-            print(f"sweep: no {name} plot ({err})")
-            continue
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-        fig.set_size_inches(8, 4.5)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=100)
-        plt.close(fig)
-        paths[name] = str(out / f"{name}.png")
-    return paths
+            logger.warning(f"sweep: no {path.stem} plot ({err})")
+            return None
+        return save_plot(ax, path, None if path.stem == "pareto" else (8, 4.5))
 
 
-def trial_spans(rows: list[dict], out: Path) -> dict[str, dict[str, Any]]:
+def trial_spans(grid, out: Path) -> dict[str, dict[str, Any]]:
     """When each trial ran and when it trained, in seconds since the epoch: its iterations as
-    Tune timed them (result.json: each report's time, less the time since the one before, so the
-    first one includes its start-up and a continued sweep's pause falls between them), and its
-    first to last training step (its metrics.jsonl)."""
+    Tune timed them (its result frame: each report's time, less the time since the one before,
+    so the first one includes its start-up and a continued sweep's pause falls between them),
+    and its first to last training step (its metrics.jsonl)."""
     spans = {}
-    for r in rows:
-        tune_file, train_file = out / r["trial"] / "result.json", out / "trials" / r["trial"] / "metrics.jsonl"
-        reports = [json.loads(line) for line in tune_file.open() if line.strip()] if tune_file.is_file() else []
+    for result in grid:
+        name, reports = Path(result.path).name, result.metrics_dataframe
+        train_file = out / "trials" / name / "metrics.jsonl"
         steps = [json.loads(line)["time"] for line in train_file.open() if line.strip()] if train_file.is_file() else []
-        if reports and steps and any(x["time_this_iter_s"] > 1 for x in reports):
+        if reports is None or "time_this_iter_s" not in reports or not steps:
+            continue
+        ran = reports[reports["time_this_iter_s"] > 1]
+        if len(ran):
             # Tune's timestamp is whole seconds (the true end lies in [t, t + 1)): keep what is
             # surely inside each iteration, so that trials one after the other never count as side by side
-            spans[r["trial"]] = {"iterations": [(x["timestamp"] + 1 - x["time_this_iter_s"], x["timestamp"])
-                                                for x in reports if x["time_this_iter_s"] > 1],
-                                 "training": (min(steps), max(steps))}
+            spans[name] = {"iterations": list(zip((ran["timestamp"] + 1 - ran["time_this_iter_s"]).tolist(),
+                                                  ran["timestamp"].tolist())),
+                           "training": (min(steps), max(steps))}
     return spans
 
 
@@ -190,38 +217,41 @@ def plot_timeline(rows: list[dict], spans: dict, path: Path) -> Path:
     return path
 
 
+def winner(exp: Experiment, row: dict, trial: FrozenTrial, out: Path) -> dict[str, Any]:
+    """The winning trial's part of the summary, and its experiment file at full training length."""
+    params = {p: trial.params[p] for p in distributions(exp.tune.space)}
+    best = apply_params(exp, params)
+    best.name = f"{exp.name}-best"
+    best.description = f"{exp.name} with the settings of sweep trial {row['trial']}: {params}"
+    return {"best_trial": row["trial"], "best_params": params,
+            "best_objectives": {k: row[k] for k in exp.tune.objectives},
+            "best_checkpoint": row["checkpoint"],  # the trial's own short fine-tune
+            "best_experiment": str(save_experiment(best, out / "best_experiment.yaml"))}
+
+
 def write_outputs(exp: Experiment, grid, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(exp, grid)
-    objectives = exp.tune.objectives
-    pareto = pareto_front(rows, objectives) if exp.tune.objective == "multi" else []
+    study = load_study(exp, out)
+    trials = study_trials(study, rows, list(distributions(exp.tune.space)))
+    pareto, best = pareto_and_winner(exp, study, trials)
     write_table(rows, pareto, out)
-    completed = [i for i, r in enumerate(rows) if r["status"] == "completed"]
-    summary: dict[str, Any] = {"trials": len(rows), "completed": len(completed),
+    summary: dict[str, Any] = {"trials": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
                                "stopped_early": sum(r["status"] == "stopped early" for r in rows),
                                "errors": sum(r["status"] == "error" for r in rows), "pareto_size": len(pareto),
                                "table": str(out / "results.md")}
-    spans = trial_spans(rows, out)
+    spans = trial_spans(grid, out)
     if spans:
         summary["most_trials_at_once"] = most_at_once([i for s in spans.values() for i in s["iterations"]])
         summary["most_trials_training_at_once"] = most_at_once([s["training"] for s in spans.values()])
         summary["timeline"] = str(plot_timeline(rows, spans, out / "timeline.png"))
-    if not completed:
-        print(f"sweep: no trial completed; see {out / 'results.md'}")
+    if best is None:
+        logger.warning(f"sweep: no trial completed; see {out / 'results.md'}")
         return summary
-    candidates = pareto or completed
-    best = max(candidates, key=lambda i: weighted_objective(exp, rows[i]))
-    params = {p: rows[best][p] for p in distributions(exp.tune.space)}
-    winner = apply_params(exp, params)
-    winner.name = f"{exp.name}-best"
-    winner.description = f"{exp.name} with the settings of sweep trial {rows[best]['trial']}: {params}"
-    summary["best_trial"] = rows[best]["trial"]
-    summary["best_params"] = params
-    summary["best_objectives"] = {k: rows[best][k] for k in objectives}
-    summary["best_checkpoint"] = rows[best]["checkpoint"]  # the trial's own short fine-tune
-    summary["best_experiment"] = str(save_experiment(winner, out / "best_experiment.yaml"))
-    summary["plot"] = str(plot_pareto(rows, pareto or [best], list(objectives), out / "pareto.png"))
-    summary["plots"] = optuna_plots(exp, rows, out)
-    print((out / "results.md").read_text())
-    print(f"sweep: best trial {summary['best_trial']} -> {summary['best_experiment']}")
+    summary |= winner(exp, next(r for r in rows if r["trial"] == best), trials[best], out)
+    plots = optuna_plots(exp, study, out)
+    summary["plot"] = plots.pop("pareto", None) or plots.pop("optimization_history", None)
+    summary["plots"] = plots
+    logger.info("\n" + (out / "results.md").read_text())
+    logger.info(f"sweep: best trial {summary['best_trial']} -> {summary['best_experiment']}")
     return summary

@@ -17,20 +17,34 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+import ray.data
+from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from m4cxr.config import Experiment, experiment_from_dict, to_dict
+from m4cxr.eval.inference import run_inference
+from m4cxr.eval.scoring import score_predictions
+from m4cxr.ray_cluster import init_ray
+from m4cxr.sweep.report import write_outputs
+from m4cxr.sweep.space import DefineByRun, apply_params, distributions
+from m4cxr.sweep.study import OBJECTIVES, SINGLE, TUNE_TRIAL, optuna_storage, tune_trial_name, weighted_objective
+from m4cxr.tasks import headline_task, result_group
+from m4cxr.tracking import flat_params, metric_key, mlflow_experiment, mlflow_uri
+from m4cxr.train.run import run_stage
 
-# What a trial can be judged by: "<task type>_<metric>" from the validation evaluation.
-OBJECTIVES = ("mrg_mF1-14", "mrg_MF1-14", "mrg_BLEU-4", "mrg_ROUGE-L", "grounding_mIoU", "grounding_acc@0.5",
-              "vqa_accuracy", "vqa_recall", "vqa_BLEU-1", "val_loss")
-SINGLE = "objective"  # the weighted sum, in single-objective sweeps
+logger = logging.getLogger(__name__)
 
 
 def check_objectives(exp: Experiment) -> None:
@@ -47,8 +61,6 @@ def check_objectives(exp: Experiment) -> None:
 
 def trial_experiment(base: Experiment, params: dict[str, Any]) -> Experiment:
     """The experiment one trial trains: the parameters applied, stage 2 cut to tune.trial_steps."""
-    from m4cxr.sweep.space import apply_params
-
     exp = apply_params(base, params)
     t, st = exp.tune, exp.train.instruction
     st.training_steps = st.max_steps = t.trial_steps
@@ -61,40 +73,28 @@ def trial_experiment(base: Experiment, params: dict[str, Any]) -> Experiment:
 
 def validation_objectives(exp: Experiment, checkpoint: str, corpus_dir: str, out: Path) -> dict[str, float]:
     """The trial's model on the validation split: CoT report generation, grounding, VQA."""
-    from m4cxr.eval.inference import run_inference
-    from m4cxr.eval.scoring import score_predictions
-
+    report, box, answer = (headline_task(kind) for kind in ("report", "box", "answer"))
     ev = copy.deepcopy(exp)
     ev.eval.split, ev.eval.cot, ev.eval.both_cot_modes, ev.eval.radgraph = "validate", True, False, False
-    ev.eval.tasks = [task for task in ("single_image", "phrase_grounding", "vqa") if task in exp.eval.tasks]
+    ev.eval.tasks = [task for task in (report, box, answer) if task in exp.eval.tasks]
     ev.eval.samples_per_task = exp.tune.eval_samples_per_task
     ev.eval.bootstrap_samples = 10
     results = score_predictions(ev, run_inference(ev, checkpoint, corpus_dir, out), corpus_dir)
-    single = results["mrg"].get("single_image", {}).get("cot", {})
-    ground = results["grounding"].get("phrase_grounding", {})
-    vqa = results["vqa"].get("vqa", {})
-    out_metrics = {f"mrg_{k}": single.get("uncertain_as_negative", {}).get(k, single.get(k))
+    reports = results[result_group(report)].get(report, {}).get("cot", {})
+    boxes = results[result_group(box)].get(box, {})
+    answers = results[result_group(answer)].get(answer, {})
+    out_metrics = {f"mrg_{k}": reports.get("uncertain_as_negative", {}).get(k, reports.get(k))
                    for k in ("mF1-14", "MF1-14", "BLEU-4", "ROUGE-L")}
-    out_metrics |= {f"grounding_{k}": ground.get(k) for k in ("mIoU", "acc@0.5")}
-    out_metrics |= {f"vqa_{k}": vqa.get(k) for k in ("accuracy", "recall", "BLEU-1")}
+    out_metrics |= {f"grounding_{k}": boxes.get(k) for k in ("mIoU", "acc@0.5")}
+    out_metrics |= {f"vqa_{k}": answers.get(k) for k in ("accuracy", "recall", "BLEU-1")}
     return {k: float(v) for k, v in out_metrics.items() if v is not None}
-
-
-def weighted_objective(exp: Experiment, metrics: dict[str, float]) -> float:
-    t = exp.tune
-    return sum(t.weights.get(k, 0.0) * (1 if mode == "max" else -1) * metrics.get(k, 0.0)
-               for k, mode in t.objectives.items())
 
 
 def run_trial(params: dict[str, Any], base: dict, source: str, corpus_dir: str, sweep_dir: str) -> None:
     """One trial, run by Tune: fine-tune with the trial's settings, then measure the objectives."""
-    import ray.tune
-
-    from m4cxr.train.run import run_stage
-
     exp = trial_experiment(experiment_from_dict(copy.deepcopy(base), source), params)
     exp.train.output_dir = str(Path(sweep_dir) / "trials")
-    name = ray.tune.get_context().get_trial_name()
+    name = tune.get_context().get_trial_name()
     init = exp.tune.init_checkpoint or None
     # Tune's own callback takes the Train reports to Tune (ASHA's signal). When ASHA stops the
     # trial, Tune ends this actor and with it the Train controller; Ray Train's placement-group
@@ -106,7 +106,7 @@ def run_trial(params: dict[str, Any], base: dict, source: str, corpus_dir: str, 
                                     Path(summary["run_dir"]) / "validation_predictions.parquet")
     metrics["val_loss"] = float(summary["val_loss_last"])
     metrics[SINGLE] = weighted_objective(exp, metrics)
-    ray.tune.report({**metrics, "step": summary["steps"], "trial_checkpoint": summary["checkpoint"]})
+    tune.report({**metrics, "step": summary["steps"], "trial_checkpoint": summary["checkpoint"]})
 
 
 class FinalResultOptunaSearch(OptunaSearch):
@@ -117,24 +117,23 @@ class FinalResultOptunaSearch(OptunaSearch):
         if isinstance(self.metric, str) and self.metric in result:
             super().on_trial_result(trial_id, result)
 
+    def suggest(self, trial_id: str) -> dict | None:
+        """The trial's parameters; its Optuna trial records the Tune trial's name, by which the
+        report finds it."""
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL, tune_trial_name(trial_id))
+        return config
+
 
 def trial_name(trial) -> str:
-    """Short trial names (Tune's default puts every parameter in the folder name)."""
-    return f"trial_{trial.trial_id}"
-
-
-def optuna_storage(exp: Experiment, sweep_dir: Path) -> str:
-    return exp.tune.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+    """Tune's name and folder for a trial (short: Tune's default lists every parameter)."""
+    return tune_trial_name(trial.trial_id)
 
 
 def searcher_and_scheduler(exp: Experiment, sweep_dir: Path):
     """The Optuna searcher, its study in Optuna's own storage under the sweep's name, and ASHA
     for single-objective sweeps."""
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler
-
-    from m4cxr.sweep.space import DefineByRun
-
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study = {"storage": optuna.storages.RDBStorage(optuna_storage(exp, sweep_dir)), "study_name": sweep_dir.name}
     t = exp.tune
@@ -160,36 +159,31 @@ def searcher_and_scheduler(exp: Experiment, sweep_dir: Path):
     return search, scheduler
 
 
+class TrialsToMLflow(MLflowLoggerCallback):
+    """Tune's MLflow logger, with metric names MLflow accepts (acc@0.5 -> acc_0.5)."""
+
+    def log_trial_result(self, iteration, trial, result):
+        super().log_trial_result(iteration, trial, {metric_key(k): v for k, v in result.items()})
+
+
 def logger_callbacks(exp: Experiment, sweep_dir: Path) -> list:
     """Tune's own loggers for tracking.log_to: each trial a run of the MLflow experiment named
     after the sweep, and TensorBoard event files in the trials' folders."""
-    from m4cxr.tracking import metric_key, mlflow_experiment, mlflow_uri
-
     out = []
     for name in exp.tracking.log_to:
+        # tensorboardX and mlflow are optional: imported only when asked for
         if name == "tensorboard":
             try:
                 import tensorboardX  # noqa: F401
             except ImportError as err:
                 raise ImportError("tracking.log_to has tensorboard but tensorboardX is not installed: "
                                   "pip install tensorboardX") from err
-            from ray.tune.logger import TBXLoggerCallback
-
             out.append(TBXLoggerCallback())
         elif name == "mlflow":
             try:
-                import mlflow  # noqa: F401
+                from mlflow import MlflowClient
             except ImportError as err:
                 raise ImportError("tracking.log_to has mlflow but mlflow is not installed: pip install mlflow") from err
-            from mlflow import MlflowClient
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-            class TrialsToMLflow(MLflowLoggerCallback):
-                """Tune's MLflow logger, with metric names MLflow accepts (acc@0.5 -> acc_0.5)."""
-
-                def log_trial_result(self, iteration, trial, result):
-                    super().log_trial_result(iteration, trial, {metric_key(k): v for k, v in result.items()})
-
             mlflow_experiment(MlflowClient(tracking_uri=mlflow_uri(exp)), exp, sweep_dir.name)
             out.append(TrialsToMLflow(tracking_uri=mlflow_uri(exp), experiment_name=sweep_dir.name))
     return out
@@ -209,8 +203,6 @@ def start_ray_data_helpers() -> None:
     down and every running trial's data stream fails with ActorUnschedulableError (seen on Ray
     2.60 with two trials side by side). Made here, they live outside every trial.
     """
-    import ray.data
-
     ray.data.range(1).map_batches(Passthrough, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.01).take_all()
 
 
@@ -230,17 +222,15 @@ def trials_side_by_side(exp: Experiment) -> int:
     """tune.max_concurrent_trials, or for 0 as many trials as the cluster's CPUs and GPUs hold
     now. A fixed number larger than that is kept (an autoscaling cluster adds nodes for the
     waiting trials), with a warning: on a fixed cluster they wait for each other."""
-    import ray
-
     need, have = trial_resources(exp), ray.cluster_resources()
     fit = int(min(have.get(k, 0.0) // v for k, v in need.items()))
     held = f"{need} each, the cluster has { {k: have.get(k, 0.0) for k in need} }"
     if exp.tune.max_concurrent_trials > 0:
         if exp.tune.max_concurrent_trials > fit:
-            print(f"sweep: warning: tune.max_concurrent_trials={exp.tune.max_concurrent_trials}, but only {fit} "
-                  f"trial(s) fit now ({held}); the others wait for resources unless the cluster grows")
+            logger.warning(f"sweep: tune.max_concurrent_trials={exp.tune.max_concurrent_trials}, but only {fit} "
+                           f"trial(s) fit now ({held}); the others wait for resources unless the cluster grows")
         return exp.tune.max_concurrent_trials
-    print(f"sweep: {max(1, fit)} trial(s) side by side ({held})")
+    logger.info(f"sweep: {max(1, fit)} trial(s) side by side ({held})")
     return max(1, fit)
 
 
@@ -250,8 +240,6 @@ def check_same_sweep(exp: Experiment, sweep_dir: Path) -> None:
     saved_file = sweep_dir / "sweep_experiment.json"
     if not saved_file.is_file():
         return
-    from m4cxr.tracking import flat_params
-
     saved = flat_params(json.loads(saved_file.read_text()))
     now = flat_params(json.loads(json.dumps(to_dict(exp))))
     changed = sorted(k for k in saved.keys() | now.keys()
@@ -264,12 +252,6 @@ def check_same_sweep(exp: Experiment, sweep_dir: Path) -> None:
 
 def run_sweep(exp: Experiment, name: str | None = None) -> dict:
     """Run (or continue) the sweep of an experiment's `tune` section; returns its summary."""
-    from ray import tune
-
-    from m4cxr.sweep.report import write_outputs
-    from m4cxr.sweep.space import distributions
-    from m4cxr.ray_cluster import init_ray
-
     check_objectives(exp)
     distributions(exp.tune.space)  # a bad space fails here, before any trial starts
     init_ray()
@@ -291,13 +273,13 @@ def run_sweep(exp: Experiment, name: str | None = None) -> dict:
     started = time.time()
     if tune.Tuner.can_restore(str(sweep_dir)):
         check_same_sweep(exp, sweep_dir)
-        print(f"sweep: continuing {sweep_dir} (finished trials are kept)")
+        logger.info(f"sweep: continuing {sweep_dir} (finished trials are kept)")
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         search, scheduler = searcher_and_scheduler(exp, sweep_dir)
         (sweep_dir / "sweep_experiment.json").write_text(json.dumps(to_dict(exp), indent=1, sort_keys=True))
-        print(f"sweep: {exp.tune.num_trials} trials of {exp.tune.trial_steps} steps, "
-              f"{exp.tune.objective}-objective over {list(exp.tune.objectives)} -> {sweep_dir}")
+        logger.info(f"sweep: {exp.tune.num_trials} trials of {exp.tune.trial_steps} steps, "
+                    f"{exp.tune.objective}-objective over {list(exp.tune.objectives)} -> {sweep_dir}")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=exp.tune.num_trials,
