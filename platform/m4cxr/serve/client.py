@@ -20,6 +20,7 @@ from m4cxr.serve.prompts import (
     BoxAnswer, GroundingAnswer, ReportAnswer, VQAAnswer, findings_list, grounding_response, grounding_turns, mrg_turns,
     vqa_turns,
 )
+from m4cxr.tasks import after_findings
 
 
 def raise_error(out: Any) -> None:
@@ -102,7 +103,7 @@ async def answer_report(client: ModelClient, name: str, req: ReportRequest) -> R
     answer = await client.answer(name, first, images)
     if not req.cot:
         return ReportAnswer(findings=[], findings_text="", report=answer)
-    report_text = await client.answer(name, first + [{"role": "assistant", "content": answer}] + second, images)
+    report_text = await client.answer(name, after_findings(first, answer, second), images)
     return ReportAnswer(findings=findings_list(answer), findings_text=answer, report=report_text)
 
 
@@ -115,7 +116,7 @@ async def stream_report(client: ModelClient, name: str, req: ReportRequest):
     texts = {"findings": "", "report": ""}
     for part in ("findings", "report") if req.cot else ("report",):
         if part == "report" and req.cot:
-            conversation = first + [{"role": "assistant", "content": texts["findings"]}] + second
+            conversation = after_findings(first, texts["findings"], second)
             pieces = await client.answer_stream(name, conversation, images)
         async for item in pieces:
             if isinstance(item, str):
