@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m4cxr.boxes import parse_box
+from m4cxr.boxes import format_box, parse_box
 from m4cxr.config import Experiment
 from m4cxr.data.schema import ImageStore, read_sample_table, samples_path
 from m4cxr.labeler import label_reports, measured_agreement, rule_labeler_name
@@ -188,8 +188,9 @@ class Scoring:
             "mIoU": bootstrap_ci(lambda i: float(ious[i].mean()), len(ious), self.resamples, self.seed),
             "acc@0.5": bootstrap_ci(lambda i: float((ious[i] >= 0.5).mean()), len(ious), self.resamples, self.seed)}
         scores["malformed"] = sum(parse_box(a) is None for a in answers)
-        central = grounding_scores(["[25,25,75,75]"] * len(rows), refs, sizes, convention)
-        baseline = {"mIoU": central["mIoU"], "acc@0.5": central["acc@0.5"], "what": "a fixed central box [25,25,75,75]"}
+        central = grounding_scores([format_box(CENTRAL_BOX)] * len(rows), refs, sizes, convention)
+        baseline = {"mIoU": central["mIoU"], "acc@0.5": central["acc@0.5"],
+                    "what": f"a fixed central box {format_box(CENTRAL_BOX)}"}
         return scores, baseline
 
     def answers(self, task: str, rows: list[dict]) -> tuple[dict, dict, dict | None]:
