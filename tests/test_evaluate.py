@@ -2,6 +2,9 @@
 inference path on a checkpoint. (CheXbert loading: test_chexbert.py.)"""
 
 
+import copy
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +14,7 @@ import torch
 from m4cxr.config import load_experiment
 from m4cxr.data.schema import read_sample_table
 from m4cxr.eval.inference import PREDICTION_SCHEMA, Predictor
+from m4cxr.eval.run import evaluate
 from m4cxr.eval.scoring import mentions_comparison, score_predictions
 from m4cxr.eval.tables import render_tables
 
@@ -120,11 +124,16 @@ def test_overlay_and_report_page(synthetic_corpus, exp, tmp_path):
     assert "## Table 1" in text and "![" in text and "- reference:" in text
 
 
-def test_predictor_reports_a_missing_image_as_an_error(synthetic_corpus, tmp_path):
-    """The inference actor on a saved checkpoint: answers for good rows, an error for a bad one."""
+def test_both_engines_answer_alike_and_report_bad_requests_as_errors(synthetic_corpus, tmp_path):
+    """The inference actors of both engines on a saved checkpoint: answers for good rows (equal
+    between the engines: greedy, float32), an error for a missing image and for a prompt over
+    the context, never a dropped row."""
+    import asyncio
+
     from m4cxr.model.checkpoint import save_checkpoint
     from m4cxr.model.m4cxr import build_model
     from m4cxr.model.tokenizer import corpus_texts, train_tiny_tokenizer
+    from m4cxr.model.vllm_engine import vllm_installed
 
     corpus, _ = synthetic_corpus
     exp = load_experiment(ROOT / "experiments/quickstart.yaml")
@@ -136,14 +145,69 @@ def test_predictor_reports_a_missing_image_as_an_error(synthetic_corpus, tmp_pat
     rows = [next(i for i, s in enumerate(test) if s["task"] == t) for t in ("single_image", "vqa", "phrase_grounding")]
     bad = dict(test[rows[1]])
     bad["images"] = [{"image_id": "no_such_image", "role": "main"}]
+    long = dict(test[rows[1]])  # a question longer than the checkpoint's max_seq_len (1024)
+    long["turns"] = [dict(long["turns"][0], content=long["turns"][0]["content"] + " lung" * 1100), long["turns"][1]]
     (tmp_path / "corpus/samples").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([test[r] for r in rows] + [bad], schema=read_sample_table(corpus, "test").schema),
+    pq.write_table(pa.Table.from_pylist([test[r] for r in rows] + [bad, long],
+                                        schema=read_sample_table(corpus, "test").schema),
                    tmp_path / "corpus/samples/test.parquet")
     (tmp_path / "corpus/images").symlink_to(corpus / "images")
     (tmp_path / "corpus/images.parquet").symlink_to(corpus / "images.parquet")
-    predictor = Predictor(str(ckpt), str(tmp_path / "corpus"), "test", max_new_tokens=5, decoding="greedy",
-                          use_gpu=False)
-    out = predictor({"row": [0, 0, 1, 2, 3], "mode": ["cot", "no_cot", "", "", ""]}).to_pylist()
+    batch = {"row": [0, 0, 1, 2, 3, 4], "mode": ["cot", "no_cot", "", "", "", ""], "checkpoint": ["default"] * 6,
+             "request": list(range(6))}
+    args = dict(checkpoints={"default": str(ckpt)}, corpus_dir=str(tmp_path / "corpus"), split="test",
+                max_new_tokens=5, decoding="greedy", use_gpu=False)
+    out = Predictor(**args)(batch).to_pylist()
     assert [r["error"] for r in out[:4]] == ["", "", "", ""]
     assert out[0]["findings"] and out[0]["prediction"] and not out[1]["findings"]
+    assert out[0]["generated_tokens"] == 10 and out[2]["generated_tokens"] == 5  # random weights: never EOS
     assert "no_such_image" in out[4]["error"] and out[4]["prediction"] == ""
+    assert "over the context of 1029" in out[5]["error"] and out[5]["prediction"] == ""
+    if not vllm_installed():
+        pytest.skip("vLLM is not installed: the transformers engine alone was checked")
+    from m4cxr.eval.inference import VLLMPredictor
+
+    predictor = VLLMPredictor(**args)
+    try:
+        on_vllm = asyncio.run(predictor(batch)).to_pylist()
+    finally:
+        predictor.close()
+    assert on_vllm == out
+
+
+def test_m4cxr_eval_writes_the_same_predictions_and_scores_on_vllm_as_on_transformers(ray_local, quickstart_run,
+                                                                                      tmp_path):
+    """The quickstart's trained checkpoint, evaluated on vLLM through Ray Data: every evaluated
+    task's answers equal the quickstart's own evaluation on transformers, and so do the scores.
+    A sweep trial's validation takes the engine its experiment names."""
+    from m4cxr.model.checkpoint import read_experiment
+    from m4cxr.model.vllm_engine import vllm_installed
+    from m4cxr.sweep.run import validation_objectives
+
+    if not vllm_installed():
+        pytest.skip("vLLM is not installed (the cpu-engine extra)")
+    out, summary = quickstart_run
+    checkpoint = summary["train"]["checkpoint"]
+    exp = read_experiment(checkpoint)
+    on_hf = json.loads((out / "eval/metrics.json").read_text())
+    assert on_hf["engine"] == "hf"  # auto on CPU
+    exp.eval.engine = "vllm"
+    on_vllm = evaluate(exp, checkpoint, tmp_path / "eval", summary["data"]["corpus"])
+    assert on_vllm["engine"] == "vllm"
+    key = ["task", "mode", "sample_id"]
+    columns = ["task", "mode", "sample_id", "findings", "prediction", "error", "generated_tokens"]
+    hf_rows = pq.read_table(out / "eval/predictions.parquet").select(columns).sort_by([(k, "ascending") for k in key])
+    vllm_rows = pq.read_table(tmp_path / "eval/predictions.parquet").select(columns).sort_by([(k, "ascending") for k in key])
+    assert set(hf_rows.column("task").to_pylist()) == set(exp.eval.tasks)
+    assert vllm_rows.to_pylist() == hf_rows.to_pylist()
+    on_vllm = json.loads((tmp_path / "eval/metrics.json").read_text())
+    for section in ("mrg", "grounding", "vqa", "counts"):  # as text: a NaN score equals itself there
+        assert json.dumps(on_vllm[section], sort_keys=True) == json.dumps(on_hf[section], sort_keys=True), section
+    objectives = {}
+    for engine in ("vllm", "hf"):
+        trial = copy.deepcopy(exp)
+        trial.eval.engine = engine
+        objectives[engine] = validation_objectives(trial, checkpoint, summary["data"]["corpus"],
+                                                   tmp_path / f"val-{engine}.parquet")
+    assert objectives["vllm"] == objectives["hf"]
+    assert {pq.read_schema(tmp_path / f"val-{e}.parquet").metadata[b"engine"].decode() for e in ("vllm", "hf")} == {"vllm", "hf"}

@@ -364,7 +364,7 @@ def test_the_imported_release_is_served_on_both_engines_evaluated_and_fine_tuned
     from m4cxr.config import load_experiment
     from m4cxr.eval.run import evaluate
     from m4cxr.serve.apps import run_services
-    from m4cxr.serve.vllm_engine import vllm_installed
+    from m4cxr.model.vllm_engine import vllm_installed
     from m4cxr.train.run import run_stage
 
     corpus, _ = synthetic_corpus

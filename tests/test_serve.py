@@ -86,7 +86,7 @@ def hf_services(services, tiny_checkpoints):
 
 @pytest.fixture(params=["vllm", "hf"])
 def each_engine(request, services, hf_services):
-    from m4cxr.serve.vllm_engine import vllm_installed
+    from m4cxr.model.vllm_engine import vllm_installed
 
     if request.param == "vllm" and not vllm_installed():
         pytest.skip("vLLM is not installed")
@@ -251,7 +251,7 @@ def test_vllm_answers_as_transformers_does_with_both_adapters_on_one_engine(serv
     engine (one base, two adapters)."""
     from ray import serve
 
-    from m4cxr.serve.vllm_engine import vllm_installed
+    from m4cxr.model.vllm_engine import vllm_installed
 
     if not vllm_installed():
         pytest.skip("vLLM is not installed")
@@ -443,7 +443,7 @@ def test_checkpoints_share_an_engine_only_with_the_same_base_and_tokenizer(tiny_
 
     from safetensors.torch import load_file, save_file
 
-    from m4cxr.serve.vllm_engine import engine_groups
+    from m4cxr.model.vllm_engine import engine_groups
 
     trained, retokenized = tmp_path / "trained", tmp_path / "retokenized"
     shutil.copytree(tiny_checkpoints["default"], trained)
@@ -591,7 +591,7 @@ def test_a_killed_vllm_engine_gets_503s_until_serve_replaces_its_replica(service
     import ray
     from ray.util.state import list_actors
 
-    from m4cxr.serve.vllm_engine import vllm_installed
+    from m4cxr.model.vllm_engine import vllm_installed
 
     if not vllm_installed():
         pytest.skip("vLLM is not installed")

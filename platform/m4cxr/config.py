@@ -209,6 +209,15 @@ class EvalConfig(Section):
     decoding: Literal["greedy", "sample"] = "greedy"
     cot: bool = True  # the headline report-generation scores ask for the findings first (CoT)
     both_cot_modes: bool = True  # also generate reports the other way, for Table 5's CoT rows
+    # the LLM's engine (eval/inference.py): vllm, continuous batching from prompt embeddings; hf,
+    # transformers' generate in static batches of batch_size. auto: vLLM where it is installed, on
+    # GPU, for evaluations of at least vllm_from_requests requests, else transformers: on 2 CPU
+    # cores the quickstart's model answers at 0.62x transformers' rate on vLLM, after a 31 s
+    # start-up (benchmarks/eval_throughput.py)
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    vllm_from_requests: int = 200
+    vllm_batch_size: int = 64  # requests per Ray Data batch to a vLLM actor, which works on 4 at once
+    engine_args: Table[Any] = {}  # vLLM's own settings (AsyncEngineArgs), as they are
     batch_size: int = 16
     actors: int = 1  # model replicas in the Ray Data actor pool
     use_gpu: bool = False

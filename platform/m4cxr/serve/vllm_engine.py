@@ -1,67 +1,13 @@
-"""The LLM on vLLM: one engine per base LLM, the checkpoints over it as LoRA adapters.
-
-The vision encoder and C-Abstractor run in the model server (serve/model_server.py), which
-writes each prompt as LLM input embeddings, images spliced in (M4CXR.embed_prompts); vLLM's async
-engine generates from those prompt embeddings with continuous batching, so requests of every
-route and checkpoint share its batches. serve_apps/README.md says why this way rather than a vLLM
-model class of M4CXR.
-
-Checkpoints that share a base LLM and tokenizer (the default model and a sweep's winners, whose
-LLM stayed frozen under LoRA) share one engine, each answering through its own adapter (vLLM's
-LoRA support); a checkpoint whose LLM was trained or merged has another base, hence its own
-engine. Bases are compared by their weights' hash, not their folder, because every checkpoint of a
-tiny model saves its own copy of the same random base.
-"""
+"""The serving side of the vLLM engine (model/vllm_engine.py): a route's sampling settings as
+vLLM's, answers streamed as the HF engine streams them, and vLLM's errors as the client's 4xx/5xx."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import uuid
-from pathlib import Path
 from typing import Any, AsyncIterator
 
-from m4cxr.model.checkpoint import llm_parts
+from m4cxr.model.vllm_engine import VLLMEngine
 from m4cxr.serve.inputs import RequestError
 from m4cxr.serve.openai_chat import Sampling
-
-# vLLM is optional (the engine's only; transformers serves without it): imported where it is used.
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def files_hash(folder: Path, patterns: tuple[str, ...]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for pattern in patterns for p in folder.glob(pattern)):
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def engine_key(checkpoint: str) -> str:
-    """What an engine is for: the base LLM (a hub id as named, a folder by its weights) and the
-    tokenizer (by its files)."""
-    base, _ = llm_parts(checkpoint)
-    base_id = f"weights:{files_hash(Path(base), ('*.safetensors',))}" if Path(base).is_dir() else base
-    tokenizer = files_hash(Path(checkpoint) / "tokenizer", ("*.json", "*.model", "*.txt"))
-    return f"{base_id}|tokenizer:{tokenizer}"
-
-
-def engine_groups(checkpoints: dict[str, str]) -> dict[str, list[str]]:
-    """{engine key: the checkpoint names it serves}, in the checkpoints' order."""
-    groups: dict[str, list[str]] = {}
-    for name, folder in checkpoints.items():
-        groups.setdefault(engine_key(folder), []).append(name)
-    return groups
-
-
-def lora_rank(adapter: Path) -> int:
-    return int(json.loads((adapter / "adapter_config.json").read_text())["r"])
 
 
 def sampling_params(sampling: Sampling, stream: bool):
@@ -82,32 +28,7 @@ def finish(output, prompt_tokens: int) -> dict[str, Any]:
             "finish_reason": "length" if output.finish_reason == "length" else "stop"}
 
 
-class VLLMEngine:
-    """One vLLM AsyncLLM for a base LLM; `adapters` {checkpoint name: LoRA folder, or None for
-    the base itself}."""
-
-    def __init__(self, base: str, tokenizer: str, adapters: dict[str, Path | None], max_model_len: int,
-                 use_gpu: bool = False, engine_args: dict[str, Any] | None = None):
-        from vllm import AsyncEngineArgs
-        from vllm.lora.request import LoRARequest
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        loras = {name: path for name, path in adapters.items() if path is not None}
-        self.lora_requests = {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(loras.items())}
-        settings: dict[str, Any] = dict(
-            model=base, tokenizer=tokenizer, enable_prompt_embeds=True, max_model_len=max_model_len,
-            # the checkpoint's tokenizer decides where an answer ends (its EOS), as in the HF engine
-            generation_config="vllm",
-            dtype="bfloat16" if use_gpu else "float32",  # float32 on CPU: answers equal the HF engine's
-            enable_prefix_caching=True,  # the CoT's second turn starts with the first turn's prompt
-        )
-        if loras:
-            settings.update(enable_lora=True, max_loras=len(loras), max_lora_rank=max(map(lora_rank, loras.values())))
-        if not use_gpu:
-            settings.update(kv_cache_memory_bytes=1 << 30, enforce_eager=True)
-        settings.update(engine_args or {})
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**settings))
-
+class ServingEngine(VLLMEngine):
     async def generate(self, checkpoint: str, embeds, sampling: Sampling, stream: bool = False) -> AsyncIterator:
         """Stream: the text pieces as they come, then the details (a dict). Otherwise: one list
         with the details of the n answers. The text is stripped as the HF engine strips it:
@@ -125,10 +46,8 @@ class VLLMEngine:
 
     async def answers(self, checkpoint: str, embeds, sampling: Sampling, stream: bool) -> AsyncIterator:
         """generate(), without the translation of vLLM's errors."""
-        params = sampling_params(sampling, stream)
         last, tokens, sent, held = None, 0, False, ""
-        async for out in self.engine.generate({"prompt_embeds": embeds}, params, request_id=uuid.uuid4().hex,
-                                              lora_request=self.lora_requests.get(checkpoint)):
+        async for out in self.stream(checkpoint, embeds, sampling_params(sampling, stream)):
             last = out
             if stream:
                 tokens += len(out.outputs[0].token_ids)
@@ -149,9 +68,3 @@ class VLLMEngine:
         else:
             done = [finish(o, prompt_tokens) for o in sorted(last.outputs, key=lambda o: o.index)]
             yield done * sampling.n if len(done) == 1 else done
-
-    async def check_health(self) -> None:
-        await self.engine.check_health()  # raises when the engine's process has died
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
