@@ -95,7 +95,7 @@ def main() -> None:
 
         args.checkpoint = str(export_merged(args.checkpoint, Path(tempfile.mkdtemp()) / "merged"))
     checkpoints = {f"trial{i}": args.checkpoint for i in range(args.trials)}
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor()}",
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.machine()}",
                      "checkpoint": args.checkpoint, "merged": args.merged, "trials": args.trials, "engines": {}}
     tables = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,25 @@ def mlflow_default_store_in_tmp(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bystander_ray():
+    """Someone else's Ray on the machine (tests/bystander_ray.py), started before the first test:
+    after the last, it must be alive, its actor unchanged (same process, same entries), and no
+    test's driver may have joined it."""
+    from bystander_ray import BystanderRay
+
+    bystander = BystanderRay()
+    yield bystander
+    try:
+        after = bystander.state()
+        before = bystander.initial
+        assert after["pid"] == before["pid"] and after["entries"] == before["entries"], (before, after)
+        assert after["drivers"] == before["drivers"] + 1, (  # + the driver that read it now
+            f"{after['drivers'] - before['drivers'] - 1} drivers from the tests joined someone else's Ray")
+    finally:
+        bystander.stop()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance per test module (starting Ray takes seconds), with its dashboard

@@ -124,6 +124,7 @@ def test_overlay_and_report_page(synthetic_corpus, exp, tmp_path):
     assert "## Table 1" in text and "![" in text and "- reference:" in text
 
 
+@pytest.mark.slow  # starts a vLLM engine
 def test_both_engines_answer_alike_and_report_bad_requests_as_errors(synthetic_corpus, tmp_path):
     """The inference actors of both engines on a saved checkpoint: answers for good rows (equal
     between the engines: greedy, float32), an error for a missing image and for a prompt over
@@ -175,6 +176,7 @@ def test_both_engines_answer_alike_and_report_bad_requests_as_errors(synthetic_c
     assert on_vllm == out
 
 
+@pytest.mark.slow  # the quickstart, then a vLLM engine
 def test_m4cxr_eval_writes_the_same_predictions_and_scores_on_vllm_as_on_transformers(ray_local, quickstart_run,
                                                                                       tmp_path):
     """The quickstart's trained checkpoint, evaluated on vLLM through Ray Data: every evaluated

@@ -212,10 +212,11 @@ class EvalConfig(Section):
     # the LLM's engine (eval/inference.py): vllm, continuous batching from prompt embeddings; hf,
     # transformers' generate in static batches of batch_size. auto: vLLM where it is installed, on
     # GPU, for evaluations of at least vllm_from_requests requests, else transformers: on 2 CPU
-    # cores the quickstart's model answers at 0.62x transformers' rate on vLLM, after a 31 s
-    # start-up (benchmarks/eval_throughput.py)
+    # cores the quickstart's model answers at 0.65x transformers' rate on vLLM, after a 30 s
+    # start-up; on GPU vLLM's start-up is expected to pay back after a few hundred requests
+    # (benchmarks/RESULTS.md, "Evaluation engines": measured on CPU, estimated on GPU)
     engine: Literal["auto", "vllm", "hf"] = "auto"
-    vllm_from_requests: int = 200
+    vllm_from_requests: int = 400
     vllm_batch_size: int = 64  # requests per Ray Data batch to a vLLM actor, which works on 4 at once
     engine_args: Table[Any] = {}  # vLLM's own settings (AsyncEngineArgs), as they are
     batch_size: int = 16

@@ -1,23 +1,39 @@
 """Starting or joining Ray, for every layer (data prepare, train, evaluate, sweep, serve).
 
-Ray starts with its dashboard: it serves the State API that Ray Train's placement-group
-cleaner, `ray list ...`, `ray job submit` and `serve status` use. Without it a sweep whose
-trials are stopped early leaves their placement groups reserved and hangs.
+A local Ray is this process's own (its temp dir, free ports): someone else's Ray on the same
+machine is never joined nor stopped. Ray starts with its dashboard: it serves the State API
+that Ray Train's placement-group cleaner, `ray list ...`, `ray job submit` and `serve status`
+use. Without it a sweep whose trials are stopped early leaves their placement groups reserved
+and hangs.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 
 import ray
 
 
+def free_port() -> int:
+    """A TCP port nobody holds on this machine now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one with
-    its dashboard on 127.0.0.1 (the port Ray picks, 8265 when free)."""
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit` or a Slurm job), else start a
+    local Ray of this process's own: never the machine's running Ray (address "local"), in a
+    temp dir of its own, its dashboard and metrics on free ports on 127.0.0.1. A colleague's Ray
+    on the same machine, on Ray's default ports and temp dir, is never joined nor disturbed, and
+    this Ray ends with this process (ray.shutdown)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
+        return
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), log_to_driver=log_to_driver,
+             _temp_dir=tempfile.mkdtemp(prefix="m4cxr-ray-"), _metrics_export_port=free_port())
