@@ -21,7 +21,11 @@ refuses) becomes a row with an `error`; the scorer counts those and never drops 
 
 Ray Data's own LLM stage (ray.data.llm's vLLMEngineProcessorConfig) takes a prompt as text or
 token ids only, and images through a vLLM model class, which M4CXR does not have
-(serve_apps/README.md says why): it cannot carry prompt embeddings, hence VLLMPredictor.
+(serve_apps/README.md says why): it cannot carry prompt embeddings, hence VLLMPredictor. Its
+ServeDeploymentProcessorConfig could call the model application's deployment, but then every
+evaluation and every sweep trial would first deploy a Serve application (controller, proxy,
+replicas) and send its images through Serve handles; an actor holding the same engine does it
+without them.
 """
 
 from __future__ import annotations
