@@ -9,6 +9,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
+# a training job stopped on request (SIGUSR1, Slurm's warning before its time limit) after a
+# checkpoint: jobs/slurm.py requeues it, and the same command goes on from that checkpoint
+EXIT_STOPPED = 3
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     from m4cxr import log_progress  # after the path above
 
@@ -29,8 +34,12 @@ def train_stage(stage: str, description: str) -> None:
     args = p.parse_args()
 
     from m4cxr.config import load_experiment
-    from m4cxr.train.run import run_stage
+    from m4cxr.train.run import StoppedEarly, run_stage
 
     exp = load_experiment(args.config, args.set)
-    summary = run_stage(exp, stage, exp.data.corpus_dir, init_checkpoint=args.init, run_name=args.name)
+    try:
+        summary = run_stage(exp, stage, exp.data.corpus_dir, init_checkpoint=args.init, run_name=args.name)
+    except StoppedEarly as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
     print(json.dumps(summary, indent=2))

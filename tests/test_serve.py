@@ -658,3 +658,28 @@ def test_serve_config_files_match_the_applications(name):
         assert [d["name"] for d in app["deployments"]] == [cls.name]
         if kind != "model":
             assert app["args"]["model_app"] in models and app["route_prefix"]
+            # the routes' closed-by-default check reads the address the file binds
+            assert app["args"].get("host", "127.0.0.1") == config["http_options"]["host"], app["name"]
+
+
+def test_services_beyond_loopback_refuse_to_start_without_api_keys(tiny_checkpoints, monkeypatch):
+    """Closed by default off the machine: a route that would listen on 0.0.0.0 or a node's
+    address with no keys is refused, with how to set keys; keys, loopback, or
+    allow_unauthenticated: true (a bool, in so many words) let it start."""
+    from m4cxr.serve.apps import build, run_services
+
+    monkeypatch.delenv("M4CXR_API_KEYS", raising=False)
+    args = {"checkpoints": tiny_checkpoints}
+    for host in ("0.0.0.0", "10.1.2.3", "::"):
+        with pytest.raises(ValueError, match="beyond this machine, with no API keys") as refused:
+            build("mrg", {**args, "host": host})
+        assert "M4CXR_API_KEYS" in str(refused.value) and "allow_unauthenticated: true" in str(refused.value)
+    with pytest.raises(ValueError, match="must be true or false"):
+        build("vqa", {**args, "host": "0.0.0.0", "allow_unauthenticated": "yes"})
+    with pytest.raises(ValueError, match="beyond this machine"):  # refused before Serve is started
+        run_services(tiny_checkpoints, host="0.0.0.0", port=free_port())
+    for allowed in ({"host": "127.0.0.1"}, {"host": "::1"}, {"host": "0.0.0.0", "api_keys": ["k1"]},
+                    {"host": "0.0.0.0", "allow_unauthenticated": True}):
+        assert build("grounding", {**args, **allowed}) is not None, allowed
+    monkeypatch.setenv("M4CXR_API_KEYS", "from-the-environment")
+    assert build("v1", {**args, "host": "0.0.0.0"}) is not None

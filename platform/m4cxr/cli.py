@@ -12,7 +12,7 @@
     m4cxr train --stage pretrain|instruction --config FILE [--init CKPT] [--name RUN]
     m4cxr eval --config FILE --checkpoint CKPT [--out DIR] [--corpus DIR]
     m4cxr sweep --config FILE [--name NAME]
-    m4cxr serve --checkpoint DIR [--checkpoint NAME=DIR ...] [--port P]
+    m4cxr serve --checkpoint DIR [--checkpoint NAME=DIR ...] [--port P] [--host H]
     m4cxr quickstart --out DIR
     m4cxr score nlg --hyps H.txt --refs R.txt [--refs R2.txt] [--json]
     m4cxr label REPORTS.csv --column TEXT --out LABELS.csv
@@ -231,8 +231,9 @@ def cmd_serve(args) -> int:
         else:
             checkpoints["default" if "default" not in checkpoints else f"checkpoint{len(checkpoints)}"] = item
     keys = {"api_keys_file": args.api_keys_file} if args.api_keys_file else {}
-    url = run_services(checkpoints, port=args.port, max_new_tokens=args.max_new_tokens,
-                       max_batch_size=args.max_batch_size, use_gpu=args.gpu, engine=args.engine, **keys)
+    url = run_services(checkpoints, port=args.port, host=args.host, max_new_tokens=args.max_new_tokens,
+                       max_batch_size=args.max_batch_size, use_gpu=args.gpu, engine=args.engine,
+                       allow_unauthenticated=args.allow_unauthenticated, **keys)
     print(f"serving {', '.join(f'{k}={v}' for k, v in checkpoints.items())} at {url}:\n"
           f"  POST {url}/mrg  {url}/grounding  {url}/vqa  {url}/v1/chat/completions;  GET {url}/v1/models\n"
           f"  the web page: {url}/ui/\n"
@@ -353,6 +354,11 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]DIR",
                    help="a checkpoint folder; repeat as NAME=DIR to serve several (the first is the default)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on; beyond loopback (0.0.0.0, a node's address) API keys are "
+                        "required unless --allow-unauthenticated")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve beyond this machine without API keys, on purpose")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--gpu", action="store_true", help="one GPU per replica, bf16")

@@ -284,7 +284,8 @@ class TrackingConfig(Section):
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # beyond loopback the services need API keys (M4CXR_API_KEYS) ...
+    allow_unauthenticated: bool = False  # ... unless this says true
     port: int = 8000
     # the LLM's engine: vLLM where it is installed (auto), or transformers (hf); serve/model_server.py
     engine: Literal["auto", "vllm", "hf"] = "auto"

@@ -110,7 +110,7 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
             port = free.getsockname()[1]
         log.info(f"  port {exp.serve.port} is taken; serving on {port}")
     url = run_services(checkpoints, port=port, host=exp.serve.host, max_new_tokens=exp.eval.max_new_tokens,
-                       engine=exp.serve.engine)
+                       engine=exp.serve.engine, allow_unauthenticated=exp.serve.allow_unauthenticated)
     scenario = headline_task("report")  # a single-image report
     sample = next(r for r in read_sample_table(corpus_dir, "test").to_pylist() if r["task"] == scenario)
     image = base64.b64encode(ImageStore(corpus_dir).path(sample["images"][0]["image_id"]).read_bytes()).decode()

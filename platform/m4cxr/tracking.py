@@ -127,11 +127,17 @@ class RunLog:
         if self.client:
             self.client.log_artifact(self.run_id, str(path))
 
+    def flush(self) -> None:
+        """Write what is queued; the run stays open (a stopped run goes on in its next allocation)."""
+        for operation in self.queued:  # this run's queue (mlflow.flush_async_logging would
+            operation.wait()          # flush, and create, the default store ./mlflow.db)
+        self.queued = []
+        if self.writer:
+            self.writer.flush()
+
     def finish(self) -> None:
+        self.flush()
         if self.client:
-            for operation in self.queued:  # this run's queue (mlflow.flush_async_logging would
-                operation.wait()          # flush, and create, the default store ./mlflow.db)
-            self.queued = []
             self.client.set_terminated(self.run_id, "FINISHED")
         if self.writer:
             self.writer.close()

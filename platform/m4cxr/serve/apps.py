@@ -221,7 +221,8 @@ SERVICES = {"mrg": MRGService, "grounding": GroundingService, "vqa": VQAService,
 BOTH_ARGS = ("checkpoints", "default", "max_new_tokens")
 MODEL_ARGS = ("engine", "engine_args", "max_batch_size", "batch_wait_timeout_s", "use_gpu",
               "max_prompt_tokens")  # the model application's
-ROUTE_ARGS = ("api_keys", "api_keys_file", "retry_after_s", "model_app")  # a route's
+ROUTE_ARGS = ("api_keys", "api_keys_file", "retry_after_s", "model_app", "host",
+              "allow_unauthenticated")  # a route's
 DEPLOYMENT_ARGS = ("max_ongoing_requests", "max_queued_requests", "autoscaling_config", "ray_actor_options",
                    "health_check_period_s", "health_check_timeout_s")
 
@@ -263,10 +264,31 @@ def build(name: str, args: dict[str, Any]):
     else:
         deployment = SERVICES[name]
     # keys become hashes here: the replicas (and Serve's stored options) never hold a key itself
+    hashes = key_hashes(args.get("api_keys"), args.get("api_keys_file", ""))
+    check_closed_off_the_machine(f"application {name}", args.get("host", "127.0.0.1"), hashes,
+                                 args.get("allow_unauthenticated", False))
     return deployment.options(**options).bind(
         checkpoints=list(checkpoints), default=default, max_new_tokens=args.get("max_new_tokens", 256),
-        api_key_hashes=key_hashes(args.get("api_keys"), args.get("api_keys_file", "")),
-        model_app=args.get("model_app", "model"))
+        api_key_hashes=hashes, model_app=args.get("model_app", "model"))
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_closed_off_the_machine(what: str, host: str, hashes: list[str], allow_unauthenticated: Any) -> None:
+    """A route that listens beyond this machine (`host`: the HTTP address Serve binds, args.host
+    in a config file) needs API keys, unless its args say `allow_unauthenticated: true`."""
+    if not isinstance(allow_unauthenticated, bool):
+        raise ValueError(f"{what}: args.allow_unauthenticated must be true or false, "
+                         f"got {allow_unauthenticated!r}")
+    if host in LOOPBACK or hashes or allow_unauthenticated:
+        return
+    raise ValueError(
+        f"{what} would listen on {host}, beyond this machine, with no API keys: anyone who "
+        f"reaches it could send studies and read reports. Set keys: a file of keys, one per line "
+        f"(args.api_keys_file, `m4cxr serve --api-keys-file`), args.api_keys, or the environment variable "
+        f"M4CXR_API_KEYS=key1,key2 where Serve runs; clients then send 'Authorization: Bearer <key>'. Or, "
+        f"to serve it open on purpose, set args.allow_unauthenticated: true (`--allow-unauthenticated`).")
 
 
 def model_app(args: dict[str, Any]):
@@ -303,10 +325,12 @@ def run_services(checkpoints: dict[str, str] | str, port: int = 8000, host: str 
     unknown = sorted(set(args) - set(BOTH_ARGS + MODEL_ARGS + ROUTE_ARGS + DEPLOYMENT_ARGS))
     if unknown:
         raise ValueError(f"run_services: unknown args {unknown}")
+    named = (lambda app: f"{prefix}-{app}") if prefix else (lambda app: app)
+    args = {"checkpoints": checkpoints, "model_app": named("model"), "host": host, **args}
+    hashes = key_hashes(args.get("api_keys"), args.get("api_keys_file", ""))  # refused before Serve starts
+    check_closed_off_the_machine("the services", host, hashes, args.get("allow_unauthenticated", False))
     init_ray()
     serve.start(http_options={"host": host, "port": port})
-    named = (lambda app: f"{prefix}-{app}") if prefix else (lambda app: app)
-    args = {"checkpoints": checkpoints, "model_app": named("model"), **args}
     model_args = {k: v for k, v in args.items() if k not in ROUTE_ARGS}
     route_args = {k: v for k, v in args.items() if k not in MODEL_ARGS + DEPLOYMENT_ARGS}
     serve.run(build("model", model_args), name=args["model_app"], route_prefix=None)

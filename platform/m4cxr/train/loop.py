@@ -45,6 +45,7 @@ from m4cxr.tracking import RunLog, flat_params
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+STOP_FILE = "STOP"  # in the run folder: checkpoint at the next step and end (see stop_requested)
 
 
 # ----------------------------------------------------------------------------- the run's outline
@@ -74,10 +75,16 @@ def train_loop_per_worker(config: dict) -> None:
         if (w.exp.train.eval_every and w.step % w.exp.train.eval_every == 0) or w.at_end:
             metrics["val_loss"] = validate(w)
         log_step(w, metrics, by_type)
-        if w.step % w.exp.train.checkpoint_every == 0 or w.at_end:
+        stop = stop_requested(w)
+        if w.step % w.exp.train.checkpoint_every == 0 or w.at_end or stop:
             report_checkpoint(w, metrics)
         elif w.step % w.exp.train.log_every == 0:
             ray.train.report(metrics)
+        if stop and not w.at_end:
+            if w.run_log:
+                w.run_log.flush()
+            w.say(f"stopped on request at step {w.step}, its checkpoint saved: the run goes on from there")
+            return
     if w.step < w.stage.training_steps:
         raise RuntimeError(f"the training stream ended at step {w.step} of {w.stage.training_steps}")
     save_final_model(w)
@@ -414,6 +421,18 @@ def log_step(w: Worker, metrics: dict, by_type: dict[str, list[float]]) -> None:
         val = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
         w.say(f"step {w.step}/{w.stage.training_steps} loss {metrics['loss']:.4f} ({per_type}) "
               f"lr {metrics['lr']:.2e} non-pad {metrics['nonpad_token_share']:.2f}{val}")
+
+
+def stop_requested(w: Worker) -> bool:
+    """Whether the run folder holds STOP_FILE (train/run.py writes it on SIGUSR1: Slurm's warning
+    before a time limit). Every worker gives the same answer at the same step, since a checkpoint
+    report is a barrier that all of them must reach."""
+    asked = (Path(w.config["run_dir"]) / STOP_FILE).exists()
+    if w.world > 1:
+        flag = torch.tensor([int(asked)], device=w.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        asked = bool(flag.item())
+    return asked
 
 
 def report_checkpoint(w: Worker, metrics: dict) -> None:

@@ -10,10 +10,13 @@ the validation set only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from m4cxr.model.checkpoint import read_info
 from m4cxr.model.tokenizer import corpus_texts, train_tiny_tokenizer
 from m4cxr.ray_cluster import init_ray
 from m4cxr.train.lineage import lineage_problems, read_metrics, restart_costs, surviving_rows
-from m4cxr.train.loop import train_loop_per_worker
+from m4cxr.train.loop import STOP_FILE, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +109,42 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
               "run_dir": str(run_dir), "final_dir": str(run_dir / "final"), "track": track}
     trainer = torch_trainer(exp, config, name, storage, callbacks)
     started = time.time()
-    result = trainer.fit()
+    with stop_on_signal(run_dir):
+        result = trainer.fit()
     if result.error:
         raise result.error
+    if not Path(config["final_dir"]).is_dir() and (run_dir / STOP_FILE).exists():
+        raise StoppedEarly(f"[{stage}] stopped on request at step {surviving_rows(read_metrics(run_dir))[-1]['step']}; "
+                           f"its checkpoint is in {run_dir}: the same command with --name {name} goes on from it")
     summary = stage_summary(exp, stage, run_dir, config["final_dir"], time.time() - started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class StoppedEarly(Exception):
+    """The run stopped on request (SIGUSR1) after a checkpoint; rerun with its name to go on."""
+
+
+@contextlib.contextmanager
+def stop_on_signal(run_dir: Path):
+    """While training: SIGUSR1 (Slurm's warning before the time limit, `#SBATCH --signal`) asks
+    the workers, through STOP_FILE in the run folder, which every node sees, to checkpoint at
+    their next step and end. A STOP_FILE left by an earlier allocation is cleared first."""
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def ask_to_stop(signum, frame):
+        logger.info("signal %s: the workers checkpoint at their next step and stop", signal.Signals(signum).name)
+        stop_file.touch()
+
+    before = signal.signal(signal.SIGUSR1, ask_to_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, before)
 
 
 def torch_trainer(exp: Experiment, config: dict, name: str, storage: Path, callbacks: list | None) -> TorchTrainer:
