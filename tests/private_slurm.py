@@ -56,8 +56,11 @@ class PrivateSlurm:
         return subprocess.run(command, env=self.env(), capture_output=True, text=True, check=check, timeout=60).stdout
 
     def spawn(self, command: list[str], log: str) -> None:
+        # the daemons read their config from -f, so that SLURM_CONF in a process's environment marks
+        # it as one of this Slurm's jobs (job_processes)
+        env = {k: v for k, v in self.env().items() if k != "SLURM_CONF"}
         with open(self.dir / "log" / log, "ab") as out:
-            self.daemons.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env(),
+            self.daemons.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                                  start_new_session=True, cwd=self.dir))
 
     def start(self) -> None:
