@@ -9,11 +9,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
-# a training job stopped on request (SIGUSR1, Slurm's warning before its time limit) after a
-# checkpoint: jobs/slurm.py requeues it, and the same command goes on from that checkpoint
-EXIT_STOPPED = 3
-
-
 def parser(description: str) -> argparse.ArgumentParser:
     from m4cxr import log_progress  # after the path above
 
@@ -39,7 +34,7 @@ def train_stage(stage: str, description: str) -> None:
     exp = load_experiment(args.config, args.set)
     try:
         summary = run_stage(exp, stage, exp.data.corpus_dir, init_checkpoint=args.init, run_name=args.name)
-    except StoppedEarly as stopped:
+    except StoppedEarly as stopped:  # at a checkpoint, on SIGUSR1 (Slurm's time-limit warning)
         print(stopped, file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
+        sys.exit(stopped.exit_code)
     print(json.dumps(summary, indent=2))

@@ -11,7 +11,7 @@ job, then the job itself. jobs/slurm.sbatch runs it (see there for sbatch's opti
   colleague's Ray, on one node never meet. The job reaches it through RAY_ADDRESS
   (ray_cluster.init_ray). At the end Ray is stopped by its process ids, never `ray stop`.
 - Time limits: Slurm's warning (`#SBATCH --signal=B:USR1@...`) is passed to the job; a
-  training job checkpoints at its next step and exits with EXIT_STOPPED (jobs/_args.py). The
+  training job checkpoints at its next step and exits with StoppedEarly.exit_code (train/run.py). The
   allocation then requeues itself (`scontrol requeue`): the next one runs the same command, and
   the run, by its name, goes on from that checkpoint, in the same MLflow run.
 - `scancel` (SIGTERM) stops Ray and the job at once; the run's last periodic checkpoint
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _args import EXIT_STOPPED
+import _args  # noqa: F401  (makes platform/ importable)
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -149,7 +149,9 @@ def run_job(job: list[str]) -> int:
     code = task.returncode
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     stop(ray_processes)
-    if code == EXIT_STOPPED:
+    from m4cxr.train.run import StoppedEarly
+
+    if code == StoppedEarly.exit_code:
         print("slurm job: stopped at a checkpoint; requeued to go on", flush=True)
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
     return code

@@ -192,10 +192,15 @@ def cmd_model_import(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from m4cxr.train.run import run_stage
+    from m4cxr.train.run import StoppedEarly, run_stage
 
     exp = load_experiment(args.config, args.set or [])
-    summary = run_stage(exp, args.stage, args.corpus or exp.data.corpus_dir, init_checkpoint=args.init, run_name=args.name)
+    try:
+        summary = run_stage(exp, args.stage, args.corpus or exp.data.corpus_dir, init_checkpoint=args.init,
+                            run_name=args.name)
+    except StoppedEarly as stopped:  # at a checkpoint, on SIGUSR1: the same command goes on from it
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
     print(json.dumps(summary, indent=2))
     return 0
 

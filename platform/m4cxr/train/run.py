@@ -122,7 +122,9 @@ def run_stage(exp: Experiment, stage: str, corpus_dir: str | Path, init_checkpoi
 
 
 class StoppedEarly(Exception):
-    """The run stopped on request (SIGUSR1) after a checkpoint; rerun with its name to go on."""
+    """The run stopped on request (SIGUSR1) after a checkpoint; rerun with its name to go on.
+    Commands that train exit with `exit_code` then, which jobs/slurm.py requeues."""
+    exit_code = 3
 
 
 @contextlib.contextmanager
