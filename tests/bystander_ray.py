@@ -99,7 +99,7 @@ class BystanderRay:
 
     def stop(self) -> None:
         """Its own processes, by id: the head's session and every descendant."""
-        from local_cluster import descendants
+        from faults import descendants
 
         doomed = descendants(self.head.pid)
         try:

@@ -1,5 +1,7 @@
 """Real faults for the training tests and the recovery benchmark: SIGKILL the processes Ray
-runs a training on, found through Ray's State API, when the run reaches a given point."""
+runs a training on, when the run reaches a given point. Only this process's own Ray is hit: the
+actors are looked for among this process's descendants (init_ray's local Ray is its child), so
+a colleague's training on the same machine is never touched."""
 
 from __future__ import annotations
 
@@ -12,21 +14,37 @@ from pathlib import Path
 from m4cxr.train.lineage import read_metrics, surviving_rows
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def alive_actor_pids(class_part: str) -> list[int]:
-    """PIDs of this machine's Ray actor processes whose class name contains `class_part`
+    """PIDs of this process's own Ray actor processes whose class name contains `class_part`
     (RayTrainWorker, or PrepareSamples for the Ray Data actors that feed the stream): Ray titles
     each actor's process `ray::<class name>[.<method>]`, which the OS shows at once, where the
     State API can lag by seconds behind a short-lived actor."""
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in descendants(os.getpid()):
         try:
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            title = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
         if title.startswith("ray::") and class_part in title:
-            pids.append(int(proc.name))
+            pids.append(pid)
     return pids
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from conftest import free_port
+from faults import descendants
 
 ATTEMPT_S = 10  # how long each attempt to place Train workers waits (Ray Train's default: 60 s)
 
@@ -79,23 +80,6 @@ class LocalCluster:
             if node.poll() is None:
                 self.kill_node(node)
         shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(proc.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def wait_for(condition, timeout_s: float, what: str, job: subprocess.Popen | None = None):
