@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import _args  # noqa: F401  (makes platform/ importable)
+from m4cxr.ray_cluster import descendants
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -79,22 +80,6 @@ def wait_for_nodes(address: str, count: int, head: subprocess.Popen, timeout_s: 
             return
         time.sleep(2)
     sys.exit(f"slurm job: Ray did not come up on {count} node(s) within {timeout_s:.0f} s")
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                children.setdefault(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(proc.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def stop(processes: list[subprocess.Popen]) -> None:

@@ -11,25 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from m4cxr.ray_cluster import descendants
 from m4cxr.train.lineage import read_metrics, surviving_rows
-
-
-def descendants(root: int) -> list[int]:
-    """Every process below `root` (children, their children, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(proc.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def alive_actor_pids(class_part: str) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import ray
 
@@ -37,3 +38,22 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=free_port(), log_to_driver=log_to_driver,
              _temp_dir=tempfile.mkdtemp(prefix="m4cxr-ray-"), _metrics_export_port=free_port())
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (children, their children, ...), from /proc: what stopping
+    one's own Ray by process id must reach, and nothing of another's."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
