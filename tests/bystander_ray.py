@@ -1,7 +1,9 @@
 """Someone else's Ray on this machine: a colleague's job, or the user's own overnight run.
 
 A head started with `ray start --head` as a user starts one: Ray's default ports and temp dir
-where they are free, in a session of its own, holding a detached actor with state, titled as a Ray Train worker is. The test
+where they are free, in a session of its own, holding a detached actor with state. (It is a child of the test process, which the fault tests'
+actor search looks among, so its actor is not titled as a Ray Train worker; a training started
+outside the tests, beside `tests/test_faults.py`, finished with no restart.) The test
 run must leave it alive and unchanged: no test joins it, stops it or kills its actor
 (conftest.py checks it after the last test).
 """
@@ -41,7 +43,7 @@ import json, os, sys, ray
 ray.init(address=sys.argv[1], namespace="bystander", log_to_driver=False)
 
 @ray.remote
-class RayTrainWorker:  # titled as Ray Train's workers are (ray::RayTrainWorker): a colleague's training
+class Ledger:
     def __init__(self):
         self.entries = []
     def add(self, entry):
@@ -51,7 +53,7 @@ class RayTrainWorker:  # titled as Ray Train's workers are (ray::RayTrainWorker)
         return {"entries": self.entries, "pid": os.getpid()}
 
 if sys.argv[2] == "create":
-    ledger = RayTrainWorker.options(name="ledger", lifetime="detached").remote()
+    ledger = Ledger.options(name="ledger", lifetime="detached").remote()
     for step in range(3):
         ray.get(ledger.add.remote(f"step {step}"))
 state = ray.get(ray.get_actor("ledger").state.remote())
