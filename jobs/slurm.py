@@ -82,19 +82,17 @@ def wait_for_nodes(address: str, count: int, head: subprocess.Popen, timeout_s: 
     sys.exit(f"slurm job: Ray did not come up on {count} node(s) within {timeout_s:.0f} s")
 
 
-def stop(processes: list[subprocess.Popen]) -> None:
-    """Our own processes and everything they started, by id."""
-    for proc in processes:
-        doomed = [proc.pid, *descendants(proc.pid)]
-        if proc is not processes[0]:
-            proc.terminate()  # srun: passes it on to the other nodes' Ray
-            continue
-        for pid in doomed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for proc in processes:
+def stop(head: subprocess.Popen, *others: subprocess.Popen) -> None:
+    """Our own processes, by id: the Ray head and everything below it at once (SIGKILL); the
+    others (srun, which passes it on to the other nodes' Ray; the job) asked to end."""
+    for pid in [head.pid, *descendants(head.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in others:
+        proc.terminate()
+    for proc in (head, *others):
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -120,7 +118,7 @@ def run_job(job: list[str]) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: warned.append(time.time()))
 
     def cancel(signum, frame):  # scancel: no time to lose before SIGKILL
-        stop([*ray_processes, task])
+        stop(*ray_processes, task)
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, cancel)
@@ -133,7 +131,7 @@ def run_job(job: list[str]) -> int:
         time.sleep(2)
     code = task.returncode
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    stop(ray_processes)
+    stop(*ray_processes)
     from m4cxr.train.run import StoppedEarly
 
     if code == StoppedEarly.exit_code:
