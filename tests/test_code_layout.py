@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "m4cxr"
 
 # Lower layers first; a module may import from its own layer or any layer below it.
 LAYERS = [
-    {"config", "tasks", "boxes", "labeler", "ray_cluster", "tracking"},
+    {"config", "tasks", "boxes", "labeler", "report_grounding", "ray_cluster", "tracking"},
     {"model"},
     {"data"},
     {"train", "eval"},

@@ -81,6 +81,40 @@ def test_failed_samples_are_counted_not_dropped(synthetic_corpus, exp):
     assert results["mrg"]["single_image"]["cot"]["samples"] == 19
 
 
+def test_grounded_report_sentences_are_scored_against_the_box_of_the_finding_they_state(synthetic_corpus, exp):
+    """A sentence boxed exactly on its finding scores IoU ~1, one whose answer is no box scores 0
+    and counts as unboxed, a sentence stating no finding is not scored, and a finding the image
+    does not hold is counted apart."""
+    from m4cxr.boxes import format_box, to_relative
+    from m4cxr.data.schema import ImageStore
+    from m4cxr.eval.scoring import Scoring
+    from m4cxr.report_grounding import grounded_sentence
+
+    corpus, _ = synthetic_corpus
+    scoring = Scoring(exp, corpus)
+    truth = scoring.finding_boxes()
+    sample = next(s for s in read_sample_table(corpus, "test").to_pylist()
+                  if s["task"] == "single_image" and len(truth.get(s["images"][0]["image_id"], [])) >= 2)
+    image_id = sample["images"][0]["image_id"]
+    (first, box), (second, _) = truth[image_id][:2]
+    absent = next(o for o in ("Fracture", "Pneumothorax", "Cardiomegaly", "Edema") if all(o not in obs for obs, _ in truth[image_id]))
+    relative = format_box(to_relative(box, *ImageStore(corpus).size(image_id), exp.data.box_convention))
+    sentences = [grounded_sentence("on the box", sorted(first), relative),
+                 grounded_sentence("not boxed", sorted(second), "I cannot tell."),
+                 grounded_sentence("No pneumothorax.", [], None),
+                 grounded_sentence("elsewhere", [absent], "[1,1,5,5]")]
+    row = {"sample_id": sample["sample_id"], "grounded": json.dumps(sentences)}
+    scored = scoring.grounded_reports([row])
+    assert scored["reports"] == 1 and scored["sentences"] == 2 and scored["boxed"] == 1
+    assert scored["box_rate"] == 0.5 and scored["acc@0.5"] == 0.5 and 0.45 < scored["mIoU"] <= 0.5
+    assert scored["sentences_without_truth"] == 1
+    assert scored["finding_coverage"] == pytest.approx(
+        sum(bool(obs & first) for obs, _ in truth[image_id]) / len(truth[image_id]))
+    no_truth = next(s for s in read_sample_table(corpus, "test").to_pylist()
+                    if s["task"] == "single_image" and s["images"][0]["image_id"] not in truth)
+    assert scoring.grounded_reports([{"sample_id": no_truth["sample_id"], "grounded": json.dumps(sentences)}]) is None
+
+
 def test_hallucinated_comparison_words():
     assert mentions_comparison("The left effusion has increased compared to the prior study.")
     assert mentions_comparison("Heart size is unchanged.")
@@ -197,13 +231,15 @@ def test_m4cxr_eval_writes_the_same_predictions_and_scores_on_vllm_as_on_transfo
     on_vllm = evaluate(exp, checkpoint, tmp_path / "eval", summary["data"]["corpus"])
     assert on_vllm["engine"] == "vllm"
     key = ["task", "mode", "sample_id"]
-    columns = ["task", "mode", "sample_id", "findings", "prediction", "error", "generated_tokens"]
+    columns = ["task", "mode", "sample_id", "findings", "prediction", "error", "generated_tokens", "grounded"]
     hf_rows = pq.read_table(out / "eval/predictions.parquet").select(columns).sort_by([(k, "ascending") for k in key])
     vllm_rows = pq.read_table(tmp_path / "eval/predictions.parquet").select(columns).sort_by([(k, "ascending") for k in key])
     assert set(hf_rows.column("task").to_pylist()) == set(exp.eval.tasks)
     assert vllm_rows.to_pylist() == hf_rows.to_pylist()
     on_vllm = json.loads((tmp_path / "eval/metrics.json").read_text())
-    for section in ("mrg", "grounding", "vqa", "counts"):  # as text: a NaN score equals itself there
+    assert any(json.loads(g or "[]") and any(s["box"] for s in json.loads(g)) for g in hf_rows.column("grounded").to_pylist())
+    assert on_hf["grounded_reports"]["single_image"]["sentences"] > 0
+    for section in ("mrg", "grounding", "vqa", "counts", "grounded_reports"):  # as text: NaN equals itself there
         assert json.dumps(on_vllm[section], sort_keys=True) == json.dumps(on_hf[section], sort_keys=True), section
     objectives = {}
     for engine in ("vllm", "hf"):

@@ -118,7 +118,11 @@ def post(url: str, body, headers: dict | None = None, raw: bytes | None = None) 
 def test_every_route_answers(each_engine, xray):
     b64 = png_b64(xray)
     status, body, _ = post(f"{each_engine}/mrg", {"scenario": "single_image", "images": [b64]})
-    assert status == 200 and set(body) == {"findings", "findings_text", "report"} and isinstance(body["report"], str)
+    assert status == 200 and set(body) == {"findings", "findings_text", "report", "sentences"}
+    assert isinstance(body["report"], str) and body["sentences"] is None
+    status, grounded, _ = post(f"{each_engine}/mrg", {"scenario": "single_image", "images": [b64], "grounded": True})
+    assert status == 200 and grounded["report"] == body["report"]  # greedy: the same report, with its sentences
+    assert all(s["box"] is None for s in grounded["sentences"] if not s["findings"])
     status, body, _ = post(f"{each_engine}/mrg", {"scenario": "multi_study", "images": [b64, b64], "prior_images": [b64],
                                                "prior_report": "No acute process.", "cot": False})
     assert status == 200 and body["findings"] == []
@@ -191,6 +195,7 @@ def test_bad_requests_get_their_own_4xx(each_engine, xray):
         ("/mrg", {"scenario": "multi_study", "images": [b64] * 6, "prior_images": [b64] * 5, "prior_report": "x"},
          None, 400, "1 to 5 images"),
         ("/mrg", {"scenario": "panorama", "images": [b64]}, None, 400, "field 'scenario' must be one of"),
+        ("/mrg", {"images": [b64], "grounded": "yes"}, None, 400, "field 'grounded' must be"),
         ("/grounding", {"image": b64, "box": [10, 20, 140, 60]}, None, 400, "must lie in 0-100"),
         ("/grounding", {"image": b64, "box": "[10,20,30]"}, None, 400, "is not a box"),
         ("/grounding", {"image": b64, "box": [40, 20, 10, 60]}, None, 400, "x1 < x2"),
@@ -429,7 +434,9 @@ def test_api_keys_are_required_when_set_and_never_logged(services, tiny_checkpoi
         assert post(f"{services}/v1/chat/completions", {"messages": messages})[0] == 200  # the open services stay open
     finally:
         serve.delete("keyed")
-    logs = [p for p in glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True) if os.path.isfile(p)]
+    from m4cxr.ray_cluster import local_logs
+
+    logs = [p for p in glob.glob(f"{local_logs()}/**/*", recursive=True) if os.path.isfile(p)]  # this run's Ray
     assert logs
     for path in logs:
         text = open(path, errors="replace").read()

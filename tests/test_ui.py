@@ -58,8 +58,9 @@ def test_gradio_client_gets_a_report_and_a_box(page_services, tmp_path):
     assert {"/report", "/grounding", "/describe_box", "/vqa", "/chat", "/checkpoint_info"} <= set(
         client.view_api(print_info=False, return_format="dict")["named_endpoints"])
 
-    chips, findings_text, report, _ = client.predict("default", [handle_file(str(IMAGE))], None, "", "auto", True,
-                                                     api_name="/report")
+    chips, findings_text, report, _, picture = client.predict("default", [handle_file(str(IMAGE))], None, "", "auto",
+                                                              True, False, api_name="/report")
+    assert picture is None  # not asked for a grounded report
     assert report == api_report["report"] and report.strip()
     assert findings_text == api_report["findings_text"]
     assert [c["token"] for c in chips] == (api_report["findings"] or ["Not found."])
@@ -73,15 +74,55 @@ def test_gradio_client_gets_a_report_and_a_box(page_services, tmp_path):
     not_an_image = tmp_path / "scan.png"
     not_an_image.write_text("not an image")
     with pytest.raises(Exception, match=r"images\[0\]: not an image"):
-        client.predict("default", [handle_file(str(not_an_image))], None, "", "single_image", True,
+        client.predict("default", [handle_file(str(not_an_image))], None, "", "single_image", True, False,
                        api_name="/report")
 
 
-def browse(url: str, shots: Path, work: Path, checkpoint_says: tuple[str, ...] = ()) -> None:
+def images_with_boxed_findings(corpus: str | Path, count: int) -> list[Path]:
+    """Test-split frontal images of the synthetic world whose findings have boxes."""
+    from m4cxr.data.schema import ImageStore, read_sample_table
+
+    test = read_sample_table(corpus, "test").to_pylist()
+    ids = sorted({s["images"][0]["image_id"] for s in test if s["task"] == "finding_grounding" and s["boxes"]})
+    return [Path(ImageStore(corpus).path(i)) for i in ids[:count]]
+
+
+@pytest.mark.slow
+def test_grounded_report_boxes_each_sentence_that_states_a_finding(page_services, quickstart_run):
+    """/mrg with "grounded": every sentence stating a present finding carries the model's own
+    grounding answer for it (as /grounding gives it) and its box where the answer is one; the
+    other sentences carry none."""
+    from m4cxr.boxes import parse_box
+    from m4cxr.report_grounding import report_sentences, stated_findings
+
+    _, summary = quickstart_run
+    stating = []
+    for image in images_with_boxed_findings(summary["data"]["corpus"], 4):
+        body = post(f"{page_services}/mrg", {"scenario": "single_image", "images": [b64(image)], "grounded": True})
+        assert [s["text"] for s in body["sentences"]] == report_sentences(body["report"])
+        for s in body["sentences"]:
+            assert s["findings"] == stated_findings(s["text"])
+            if not s["findings"]:
+                assert s["box"] is None and s["box_pixels"] is None and s["answer"] is None, s
+                continue
+            stating.append(s)
+            alone = post(f"{page_services}/grounding", {"image": b64(image), "phrase": s["text"]})
+            assert (s["answer"], s["box"], s["box_pixels"]) == (alone["answer"], alone["box"], alone["box_pixels"])
+            box = parse_box(s["answer"])
+            assert s["box"] == (list(box) if box else None)  # no box is ever made up
+    # the trained model states findings on these images and boxes them
+    assert stating and any(s["box"] for s in stating), stating
+    plain = post(f"{page_services}/mrg", {"scenario": "single_image", "images": [b64(image)]})
+    assert plain["sentences"] is None and plain["report"] == body["report"]
+
+
+def browse(url: str, shots: Path, work: Path, checkpoint_says: tuple[str, ...] = (),
+           grounded_image: Path | None = None) -> None:
     """A user's visit to the page at {url}/ui/ in headless Chromium: a report on a real radiograph,
-    a sentence of it grounded, a drawn box asked about, a DICOM and a corrupt file. What the page
-    shows is held to what the API routes answer; screenshots of the report, grounding and error
-    states go to shots (scripts/page_screenshots.py refreshes docs/ with them)."""
+    a sentence of it grounded, a grounded report (on `grounded_image`, where given), a drawn box
+    asked about, a DICOM and a corrupt file. What the page shows is held to what the API routes
+    answer; screenshots of the report, grounding and error states go to shots
+    (scripts/page_screenshots.py refreshes docs/ with them)."""
     from playwright.sync_api import expect, sync_playwright
 
     shots.mkdir(parents=True, exist_ok=True)
@@ -93,6 +134,8 @@ def browse(url: str, shots: Path, work: Path, checkpoint_says: tuple[str, ...] =
         for text in checkpoint_says:
             expect(page.locator("#checkpoint-info")).to_contain_text(text)
         report_and_grounding(page, url, shots)
+        if grounded_image is not None:
+            grounded_report(page, url, shots, grounded_image)
         box_question(page)
         dicom_and_corrupt_file(page, url, shots, work)
         browser.close()
@@ -101,7 +144,7 @@ def browse(url: str, shots: Path, work: Path, checkpoint_says: tuple[str, ...] =
 def report_and_grounding(page, url: str, shots: Path) -> None:
     from playwright.sync_api import expect
 
-    from m4cxr.serve.ui import report_sentences
+    from m4cxr.report_grounding import report_sentences
 
     api_report = post(f"{url}/mrg", {"scenario": "single_image", "images": [b64(IMAGE)]})
     api_box = post(f"{url}/grounding", {"image": b64(IMAGE), "phrase": report_sentences(api_report["report"])[0]})
@@ -120,6 +163,25 @@ def report_and_grounding(page, url: str, shots: Path) -> None:
     expect(page.locator("#ground-answer textarea")).to_have_value(api_box["answer"], timeout=60_000)
     expect(page.locator("#boxed img")).to_be_visible()  # the image, with the model's box when it gave one
     page.screenshot(path=str(shots / "ui_grounding.png"), full_page=True)
+
+
+def grounded_report(page, url: str, shots: Path, image: Path) -> None:
+    """A grounded report: the report as the API's, and the picture of its boxed sentences."""
+    from playwright.sync_api import expect
+
+    api = post(f"{url}/mrg", {"scenario": "single_image", "images": [b64(image)], "grounded": True})
+    page.get_by_role("tab", name="Report").click()
+    page.locator("#study-files button[aria-label='Clear']").first.click()
+    page.locator("#study-files input[type=file]").set_input_files(str(image))
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
+    page.locator("#grounded input").check()
+    page.locator("#report-button").click()
+    expect(page.locator("#report-text textarea")).to_have_value(api["report"], timeout=120_000)
+    expect(page.locator("#grounded-report img")).to_be_visible(timeout=60_000)
+    page.locator("#grounded-report").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "ui_grounded_report.png"), full_page=True)
+    page.locator("#grounded input").uncheck()
+    page.get_by_role("tab", name="Grounding").click()
 
 
 def box_question(page) -> None:
@@ -170,14 +232,19 @@ def dicom_and_corrupt_file(page, url: str, shots: Path, work: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium; .ci/run installs it)")
-def test_page_in_a_real_browser(page_services, tmp_path):
+def test_page_in_a_real_browser(page_services, quickstart_run, tmp_path):
     # the checkpoint's experiment, and its evaluation's labeler
+    _, summary = quickstart_run
     browse(page_services, tmp_path / "shots", tmp_path,
-           checkpoint_says=("quickstart", "labeler: rule-based CheXpert-14 labeler"))
-    assert sorted(p.name for p in (tmp_path / "shots").iterdir()) == ["ui_error.png", "ui_grounding.png",
-                                                                      "ui_report.png"]
+           checkpoint_says=("quickstart", "labeler: rule-based CheXpert-14 labeler"),
+           grounded_image=images_with_boxed_findings(summary["data"]["corpus"], 1)[0])
+    assert sorted(p.name for p in (tmp_path / "shots").iterdir()) == ["ui_error.png", "ui_grounded_report.png",
+                                                                      "ui_grounding.png", "ui_report.png"]
 
-    logs = Path("/tmp/ray/session_latest/logs")  # Serve's replica and access logs
+    from m4cxr.ray_cluster import local_logs
+
+    logs = local_logs()  # this test run's Ray: Serve's replica and access logs
+    assert any(logs.rglob("*.log")), logs
     for path in logs.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             text = path.read_bytes()

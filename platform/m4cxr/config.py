@@ -209,6 +209,10 @@ class EvalConfig(Section):
     decoding: Literal["greedy", "sample"] = "greedy"
     cot: bool = True  # the headline report-generation scores ask for the findings first (CoT)
     both_cot_modes: bool = True  # also generate reports the other way, for Table 5's CoT rows
+    # ground every sentence of the headline mode's reports that states a present finding (the
+    # model's own phrase-grounding turn, on the study's first image), scored against the finding's
+    # ground-truth box where the test images have boxes (report_grounding.py)
+    grounded_reports: bool = True
     # the LLM's engine (eval/inference.py): vllm, continuous batching from prompt embeddings; hf,
     # transformers' generate in static batches of batch_size. auto: vLLM where it is installed, on
     # GPU, for evaluations of at least vllm_from_requests requests, else transformers: on 2 CPU

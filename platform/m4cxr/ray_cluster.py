@@ -16,6 +16,9 @@ from pathlib import Path
 
 import ray
 
+started: dict[str, str] = {}  # the local Ray this process started: its temp dir
+
+
 
 def free_port() -> int:
     """A TCP port nobody holds on this machine now."""
@@ -35,9 +38,18 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
         return
+    started["temp_dir"] = tempfile.mkdtemp(prefix="m4cxr-ray-")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=free_port(), log_to_driver=log_to_driver,
-             _temp_dir=tempfile.mkdtemp(prefix="m4cxr-ray-"), _metrics_export_port=free_port())
+             _temp_dir=started["temp_dir"], _metrics_export_port=free_port())
+
+
+def local_logs() -> Path:
+    """The logs folder of the local Ray this process started last (Serve's replica and access
+    logs are there)."""
+    if "temp_dir" not in started:
+        raise RuntimeError("this process started no local Ray (init_ray)")
+    return Path(started["temp_dir"]) / "session_latest" / "logs"
 
 
 def descendants(root: int) -> list[int]:

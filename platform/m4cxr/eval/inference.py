@@ -15,7 +15,9 @@
 Report generation runs in the mode of `eval.cot` ("cot": the findings question first, the
 model's own answer kept in the conversation, then the report question; "no_cot": the report
 question alone) and, with `eval.both_cot_modes`, in the other mode too. On vLLM a CoT report's
-second turn goes into the engine as soon as its first answer is back. Phrase grounding and VQA
+second turn goes into the engine as soon as its first answer is back. With
+`eval.grounded_reports`, each sentence of a report in the first mode that states a present
+finding is then asked for its box on the study's first image (report_grounding.py). Phrase grounding and VQA
 ask the sample's own question. A sample that cannot be run (a missing image, a prompt the engine
 refuses) becomes a row with an `error`; the scorer counts those and never drops them silently.
 
@@ -31,6 +33,7 @@ without them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -49,6 +52,7 @@ from m4cxr.model.checkpoint import load_checkpoint, read_experiment
 from m4cxr.model.tokenizer import encode_conversation
 from m4cxr.model.vllm_engine import resolve_engine, start_engines, vllm_installed
 from m4cxr.ray_cluster import init_ray
+from m4cxr.report_grounding import grounded_sentence, grounding_question, sentences_to_ground
 from m4cxr.tasks import after_findings, single_turn_report_conversation, task_type
 
 log = logging.getLogger(__name__)
@@ -65,7 +69,8 @@ PREDICTION_SCHEMA = pa.schema([
     ("reference", pa.string()),
     ("error", pa.string()),
     ("checkpoint", pa.string()),  # the name of the checkpoint that answered (run_inference's keys)
-    ("generated_tokens", pa.int64()),  # over both turns of a CoT report
+    ("generated_tokens", pa.int64()),  # over every turn of the request
+    ("grounded", pa.string()),  # JSON: the report's sentences with their boxes (grounded reports), or ""
 ])
 PROGRESS_EVERY_S = 10.0
 
@@ -111,7 +116,9 @@ class Requests:
     the context limit: the longest sequence a checkpoint was trained on and a whole answer after
     it (training leaves longer samples out; so does evaluation, as errors)."""
 
-    def __init__(self, checkpoints: dict[str, str], corpus_dir: str, split: str, max_new_tokens: int):
+    def __init__(self, checkpoints: dict[str, str], corpus_dir: str, split: str, max_new_tokens: int,
+                 grounded_mode: str = ""):
+        self.grounded_mode = grounded_mode  # the report mode whose reports are grounded ("": none)
         self.table = pq.read_table(samples_path(corpus_dir, split))
         self.store = ImageStore(corpus_dir)
         self.max_new_tokens = max_new_tokens
@@ -142,7 +149,7 @@ class Requests:
         for s, mode, name, request in zip(samples, batch["mode"], batch["checkpoint"], batch["request"]):
             row = {"request": int(request), "sample_id": s["sample_id"], "task": s["task"], "task_type": s["task_type"], "dataset": s["dataset"],
                    "mode": str(mode), "findings": "", "prediction": "", "reference": s["answer"] or "", "error": "",
-                   "checkpoint": str(name), "generated_tokens": 0}
+                   "checkpoint": str(name), "generated_tokens": 0, "grounded": ""}
             try:
                 images = self.images(s)
             except (OSError, KeyError) as err:
@@ -153,6 +160,23 @@ class Requests:
             row["error"] = self.too_long(row["checkpoint"], turns)
             out.append((row, s, turns, images))
         return out
+
+    def grounds(self, row: dict) -> bool:
+        return row["task_type"] == "mrg" and row["mode"] == self.grounded_mode and not row["error"]
+
+    @staticmethod
+    def grounding_questions(sample: dict, images: list, report: str) -> tuple[list, list]:
+        """The report's (sentence, findings stated), and per sentence stating a present finding
+        (its index, the grounding question, [the study's first image])."""
+        sentences = sentences_to_ground(report)
+        image = images[[i["role"] for i in sample["images"]].index("current")]
+        system = sample["turns"][0]["content"]
+        return sentences, [(k, grounding_question(text, system), [image])
+                           for k, (text, findings) in enumerate(sentences) if findings]
+
+
+def grounded_json(sentences: list[tuple[str, list[str]]], answers: dict[int, str]) -> str:
+    return json.dumps([grounded_sentence(text, findings, answers.get(k)) for k, (text, findings) in enumerate(sentences)])
 
 
 def model_dtype(use_gpu: bool):
@@ -165,8 +189,8 @@ class Predictor(Requests):
     (every prompt's first question, then the CoT reports' second)."""
 
     def __init__(self, checkpoints: dict[str, str], corpus_dir: str, split: str, max_new_tokens: int, decoding: str,
-                 use_gpu: bool, seed: int = 0, engine_args: dict | None = None):
-        super().__init__(checkpoints, corpus_dir, split, max_new_tokens)
+                 use_gpu: bool, seed: int = 0, engine_args: dict | None = None, grounded_mode: str = ""):
+        super().__init__(checkpoints, corpus_dir, split, max_new_tokens, grounded_mode)
         device = "cuda" if use_gpu else "cpu"
         self.models = {name: load_checkpoint(folder, device=device, dtype=model_dtype(use_gpu))[0]
                        for name, folder in checkpoints.items()}
@@ -198,7 +222,23 @@ class Predictor(Requests):
         for (row, _, _), answer in zip(cot, self.generate(cot)):
             row["prediction"] = answer["text"]
             row["generated_tokens"] += answer["completion_tokens"]
+        self.ground([(row, sample, images) for row, sample, _, images in opened if self.grounds(row)])
         return pa.Table.from_pylist([row for row, _, _, _ in opened], schema=PREDICTION_SCHEMA)
+
+    def ground(self, reports: list[tuple[dict, dict, list]]) -> None:
+        """A third pass: the grounding questions of every finished report's finding sentences."""
+        questions, sentences = [], []
+        for row, sample, images in reports:
+            said, asked = self.grounding_questions(sample, images, row["prediction"])
+            sentences.append(said)
+            questions += [(row, k, conversation, image) for k, conversation, image in asked]
+        answers = self.generate([(row, conversation, image) for row, _, conversation, image in questions])
+        answer_of: dict[int, dict[int, str]] = {}
+        for (row, k, _, _), answer in zip(questions, answers):
+            answer_of.setdefault(id(row), {})[k] = answer["text"]
+            row["generated_tokens"] += answer["completion_tokens"]
+        for (row, _, _), said in zip(reports, sentences):
+            row["grounded"] = grounded_json(said, answer_of.get(id(row), {}))
 
 
 class VLLMPredictor(Requests):
@@ -207,11 +247,11 @@ class VLLMPredictor(Requests):
     batches at a time), so the engine batches continuously across them."""
 
     def __init__(self, checkpoints: dict[str, str], corpus_dir: str, split: str, max_new_tokens: int, decoding: str,
-                 use_gpu: bool, seed: int = 0, engine_args: dict | None = None):
+                 use_gpu: bool, seed: int = 0, engine_args: dict | None = None, grounded_mode: str = ""):
         from vllm import SamplingParams
 
         self.engines: dict = {}  # first: __del__ reads it
-        super().__init__(checkpoints, corpus_dir, split, max_new_tokens)
+        super().__init__(checkpoints, corpus_dir, split, max_new_tokens, grounded_mode)
         device = "cuda" if use_gpu else "cpu"
         self.models = {name: load_checkpoint(folder, device, model_dtype(use_gpu), False, "embeddings")[0]
                        for name, folder in checkpoints.items()}
@@ -257,14 +297,34 @@ class VLLMPredictor(Requests):
         except VLLMValidationError as err:  # a prompt the engine refuses (too long): this request's error
             row["error"] = f"the engine refused the request: {err}"
 
+    async def ground(self, row: dict, sample: dict, images: list) -> None:
+        """The grounding questions of the report's finding sentences, all at once into the engine."""
+        sentences, asked = self.grounding_questions(sample, images, row["prediction"])
+        answers = {}
+        if asked:
+            embeds = await asyncio.to_thread(self.embed, row["checkpoint"], [c for _, c, _ in asked],
+                                             [im for _, _, im in asked])
+            done = await asyncio.gather(*(self.complete(row["checkpoint"], e) for e in embeds))
+            answers = {k: text for (k, _, _), (text, _) in zip(asked, done)}
+            row["generated_tokens"] += sum(tokens for _, tokens in done)
+        row["grounded"] = grounded_json(sentences, answers)
+
+    async def answer_and_ground(self, row: dict, sample: dict, turns: list[dict], images: list,
+                                embeds: torch.Tensor) -> None:
+        await self.answer(row, turns, images, embeds)
+        if self.grounds(row):
+            await self.ground(row, sample, images)
+
     async def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         opened = self.open(batch)
         work = []
         for name in self.models:  # the first turns of a checkpoint's requests go through its vision encoder together
-            ready = [(row, turns, images) for row, _, turns, images in opened if not row["error"] and row["checkpoint"] == name]
+            ready = [(row, s, turns, images) for row, s, turns, images in opened
+                     if not row["error"] and row["checkpoint"] == name]
             if ready:
-                embeds = await asyncio.to_thread(self.embed, name, [t[:2] for _, t, _ in ready], [im for _, _, im in ready])
-                work += [self.answer(row, turns, images, e) for (row, turns, images), e in zip(ready, embeds)]
+                embeds = await asyncio.to_thread(self.embed, name, [t[:2] for _, _, t, _ in ready],
+                                                 [im for _, _, _, im in ready])
+                work += [self.answer_and_ground(row, s, turns, images, e) for (row, s, turns, images), e in zip(ready, embeds)]
         await asyncio.gather(*work)
         return pa.Table.from_pylist([row for row, _, _, _ in opened], schema=PREDICTION_SCHEMA)
 
@@ -307,7 +367,8 @@ def run_inference(exp: Experiment, checkpoint: str | Path | dict[str, str], corp
     log.info("eval: %d requests on the %s engine", len(requests), engine)
     args = dict(checkpoints=checkpoints, corpus_dir=str(Path(corpus_dir).resolve()), split=exp.eval.split,
                 max_new_tokens=exp.eval.max_new_tokens, decoding=exp.eval.decoding, use_gpu=exp.eval.use_gpu,
-                seed=exp.train.seed, engine_args=dict(exp.eval.engine_args))
+                seed=exp.train.seed, engine_args=dict(exp.eval.engine_args),
+                grounded_mode=cot_modes(exp)[0] if exp.eval.grounded_reports else "")
     if exp.eval.engine_args and engine != "vllm":  # vLLM's settings would be silently unused
         raise ValueError(f"eval.engine_args {sorted(exp.eval.engine_args)} are vLLM's, but the engine here is {engine!r}")
     ds = ray.data.from_items(requests).map_batches(

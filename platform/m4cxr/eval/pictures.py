@@ -41,6 +41,34 @@ def draw_overlay(image, reference_boxes: list, predicted_box, title: str, path: 
     return Path(path)
 
 
+BOX_COLOURS = ["red", "deepskyblue", "lime", "orange", "magenta", "yellow", "cyan", "white"]
+
+
+def draw_grounded_report(image, sentences: list[tuple[str, list[float] | None]], path: str | Path) -> Path:
+    """A grounded report on its image: each boxed sentence's box (pixels) numbered in its own
+    colour, and the sentences below, numbered alike (unboxed ones unnumbered)."""
+    fig, ax = plt.subplots(figsize=(5, 6.2), dpi=100)
+    ax.imshow(image, cmap="gray")
+    lines, number = [], 0
+    for text, box in sentences:
+        if box is None:
+            lines.append(text)
+            continue
+        number += 1
+        colour = BOX_COLOURS[(number - 1) % len(BOX_COLOURS)]
+        x1, y1, x2, y2 = box
+        ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2))
+        ax.text(x1 + 2, y1 + 2, str(number), color=colour, fontsize=11, fontweight="bold", va="top")
+        lines.append(f"[{number}] {text}")
+    ax.axis("off")
+    wrapped = [w for line in lines for w in textwrap.wrap(line, 70)]
+    fig.text(0.02, 0.01, "\n".join(wrapped[:14]), fontsize=7, va="bottom", family="sans-serif")
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.02 + 0.022 * min(len(wrapped), 14))
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def grounding_overlays(predictions: pa.Table, results: dict, corpus_dir: str | Path, out_dir: str | Path,
                        count: int, convention: str, task: str | None = None) -> list[Path]:
     """Overlays for the first `count` grounding predictions of `task` (the headline grounding task

@@ -83,6 +83,10 @@ def eval_summary(results: dict, exp: Experiment) -> dict:
         g = results["grounding"][box]
         summary["grounding"] = {"mIoU": g["mIoU"], "acc@0.5": g["acc@0.5"],
                                 "baseline_mIoU": results["baselines"][box]["mIoU"]}
+    grounded = results.get("grounded_reports", {}).get(report)
+    if grounded:
+        summary["grounded_report"] = {k: grounded[k] for k in ("mIoU", "acc@0.5", "box_rate", "finding_coverage",
+                                                               "sentences")}
     if answer in results["vqa"]:
         summary["vqa"] = {"accuracy": results["vqa"][answer]["accuracy"],
                           "baseline_accuracy": results["baselines"][answer]["accuracy"]}

@@ -1,5 +1,5 @@
-"""Predictions -> the paper's metrics, with confidence intervals, baselines and the
-hallucinated-comparison rate.
+"""Predictions -> the paper's metrics, with confidence intervals, baselines, the
+hallucinated-comparison rate and the grounded reports' boxes.
 
 Reports are labelled with the rule-based CheXpert-14 labeler (m4cxr/labeler), or with CheXbert
 when `eval.chexbert_weights` names a local checkpoint; RadGraph F1 is computed when the radgraph
@@ -10,10 +10,17 @@ Baselines, from the training split, show what a model that ignores the image sco
   whichever scores best on the training reports;
 - grounding: a fixed central box, [25,25,75,75];
 - VQA: always the most frequent training answer of the task.
+
+A grounded report's sentence that states a present finding is scored against the ground-truth
+boxes of that finding on the image it was grounded on (the boxes of the split's grounding samples
+whose label states the same CheXpert observation): IoU with the closest, a sentence answered
+without a box scoring 0, as in phrase grounding. Reports of images without such boxes are left
+out and counted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
@@ -24,10 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m4cxr.boxes import format_box, parse_box
+from m4cxr.boxes import format_box, iou, parse_box, to_pixels
 from m4cxr.config import Experiment
 from m4cxr.data.schema import ImageStore, read_sample_table, samples_path
 from m4cxr.labeler import label_reports, measured_agreement, rule_labeler_name
+from m4cxr.report_grounding import stated_findings
 from m4cxr.tasks import RESULT_GROUPS, report_scenarios, result_group, scored_as
 from m4cxr.eval.metrics import (
     CHEXPERT_14, bleu4_bootstrap, bootstrap_ci, chexpert_scores, f1_scores, grounding_scores, label_matrix, nlg_scores,
@@ -154,6 +162,7 @@ class Scoring:
         self.store = ImageStore(corpus_dir)
         self.train = pq.read_table(samples_path(corpus_dir, "train"), columns=["task", "labels", "answer"])
         self.reference_labels: dict[str, dict] = {}
+        self.truth_boxes: dict[str, list] | None = None
 
     def labels_of_references(self, rows: list[dict]) -> list[dict]:
         todo = [r["sample_id"] for r in rows if r["sample_id"] not in self.reference_labels]
@@ -192,6 +201,67 @@ class Scoring:
         baseline = {"mIoU": central["mIoU"], "acc@0.5": central["acc@0.5"],
                     "what": f"a fixed central box {format_box(CENTRAL_BOX)}"}
         return scores, baseline
+
+    def finding_boxes(self) -> dict[str, list[tuple[frozenset, tuple]]]:
+        """image id -> (the observations its label states, the box in pixels) of every box of a
+        finding in the split's samples (an organ's or a region's states none)."""
+        if self.truth_boxes is None:
+            observations: dict[str, frozenset] = {}
+            found: dict[str, set] = {}
+            for s in self.samples.values():
+                for b in s["boxes"] or []:
+                    if b["label"] not in observations:
+                        observations[b["label"]] = frozenset(stated_findings(b["label"]))
+                    if observations[b["label"]]:
+                        image_id = s["images"][b["image_index"]]["image_id"]
+                        found.setdefault(image_id, set()).add((observations[b["label"]], tuple(b["box"])))
+            self.truth_boxes = {k: sorted(v, key=lambda e: (sorted(e[0]), e[1])) for k, v in found.items()}
+        return self.truth_boxes
+
+    def grounded_reports(self, rows: list[dict]) -> dict | None:
+        """The boxes of grounded report sentences against the ground truth of the findings they
+        state; None when no report's image has finding boxes."""
+        truth, convention = self.finding_boxes(), self.exp.data.box_convention
+        ious, boxed, unmatched, without_truth, reports = [], 0, 0, 0, 0
+        findings = covered = 0
+        for r in rows:
+            sample = self.samples[r["sample_id"]]
+            image_id = next(i["image_id"] for i in sample["images"] if i["role"] == "current")
+            boxes = truth.get(image_id)
+            if not boxes:
+                without_truth += 1
+                continue
+            reports += 1
+            size, boxed_findings = self.store.size(image_id), set()
+            for sentence in json.loads(r["grounded"]):
+                stated = set(sentence["findings"])
+                refs = [box for obs, box in boxes if obs & stated]
+                if not stated:
+                    continue
+                if not refs:  # a finding the image's ground truth does not hold
+                    unmatched += 1
+                    continue
+                if sentence["box"] is None:
+                    ious.append(0.0)
+                    continue
+                boxed += 1
+                boxed_findings |= stated
+                pixels = to_pixels(sentence["box"], *size, convention)
+                ious.append(max(iou(pixels, ref) for ref in refs))
+            findings += len(boxes)
+            covered += sum(bool(obs & boxed_findings) for obs, _ in boxes)
+        if not reports:
+            return None
+        values = np.array(ious, dtype=float)
+        ci = {"mIoU": bootstrap_ci(lambda i: float(values[i].mean()), len(values), self.resamples, self.seed),
+              "acc@0.5": bootstrap_ci(lambda i: float((values[i] >= 0.5).mean()), len(values), self.resamples,
+                                      self.seed)} if len(values) else {}
+        return {"reports": reports, "sentences": len(values), "boxed": boxed,
+                "box_rate": boxed / len(values) if len(values) else 0.0,
+                "mIoU": float(values.mean()) if len(values) else 0.0,
+                "acc@0.5": float((values >= 0.5).mean()) if len(values) else 0.0, "ci": ci,
+                "findings": findings, "finding_coverage": covered / findings if findings else 0.0,
+                "sentences_without_truth": unmatched, "reports_without_truth_boxes": without_truth}
 
     def answers(self, task: str, rows: list[dict]) -> tuple[dict, dict, dict | None]:
         """The VQA scores of the rows, the most-frequent-answer baseline's, and the scores per
@@ -244,6 +314,10 @@ def score_predictions(exp: Experiment, predictions: pa.Table, corpus_dir: str | 
             if per_set:
                 results.setdefault("vqa_by_dataset", {})[task] = per_set
     report_baselines(scoring, results, groups)
+    for (task, mode), group in sorted(groups.items()):
+        grounded = [r for r in group if r["grounded"] and not r["error"]]
+        if grounded and (scored := scoring.grounded_reports(grounded)):
+            results.setdefault("grounded_reports", {})[task] = dict(scored, mode=mode)
     return results
 
 

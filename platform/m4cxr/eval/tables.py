@@ -107,6 +107,22 @@ def table3(results: dict, paper: dict, paper_grounding: bool) -> list[str]:
     return section("Table 3: phrase grounding", ["model", "accuracy (IoU >= 0.5)", "mIoU"], rows)
 
 
+def grounded_reports_table(results: dict) -> list[str]:
+    rows = []
+    for task, g in results.get("grounded_reports", {}).items():
+        rows.append([f"{task.replace('_', '-')} ({g['mode']})", g["reports"], g["sentences"], pct(g["box_rate"]),
+                     pct(g["acc@0.5"]), pct(g["mIoU"]), f"{pct(g['finding_coverage'])} of {g['findings']}"])
+    if not rows:
+        return []
+    return section("Grounded reports: each sentence stating a present finding, boxed by the model",
+                   ["task", "graded reports", "finding sentences", "with a box", "accuracy (IoU >= 0.5)", "mIoU",
+                    "true findings boxed"], rows,
+                   "", "Against the ground-truth box of the finding the sentence states, on the image it was grounded "
+                       "on; a sentence answered without a box counts as IoU 0. Sentences about findings the image's "
+                       "ground truth does not hold, and reports of images without finding boxes, are counted in "
+                       "metrics.json (grounded_reports).")
+
+
 def table4(results: dict, paper: dict, datasets: dict[str, set[str]]) -> list[str]:
     rows = []
     for task, v in results["vqa"].items():
@@ -147,8 +163,8 @@ def intervals(results: dict, exp: Experiment) -> list[str]:
         for m, s in by_mode.items():
             for name, (lo, hi) in s["ci"].items():
                 rows.append([f"{scenario} ({m})", name, pct(mrg_values(s, [name])[0]), f"{pct(lo)} - {pct(hi)}"])
-    for kind in ("grounding", "vqa"):
-        for task, s in results[kind].items():
+    for kind in ("grounding", "grounded_reports", "vqa"):
+        for task, s in results.get(kind, {}).items():
             for name, (lo, hi) in s["ci"].items():
                 rows.append([task, name, pct(s[name]), f"{pct(lo)} - {pct(hi)}"])
     return section(f"95% bootstrap intervals ({exp.eval.bootstrap_samples} resamples of the test samples)",
@@ -181,6 +197,7 @@ def render_tables(results: dict, exp: Experiment) -> str:
     out += table1(results, mode, paper, paper_mrg)
     out += table2(results, mode, paper, paper_mrg)
     out += table3(results, paper, paper_grounding)
+    out += grounded_reports_table(results)
     out += table4(results, paper, datasets)
     out += tables5_and_7(results, exp, mode, paper, paper_mrg)
     out += intervals(results, exp)

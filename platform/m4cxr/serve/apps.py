@@ -4,7 +4,7 @@ it (report generation, grounding, VQA, OpenAI-style chat), and the web page.
     model                      ModelServer (serve/model_server.py): the checkpoints and the
                                engine (vLLM, or transformers); no HTTP route; its replicas
                                autoscale on the load of all four routes together
-    POST /mrg                  {"scenario", "images", "prior_images", "prior_report", "cot", "stream"}
+    POST /mrg                  {"scenario", "images", "prior_images", "prior_report", "cot", "grounded", "stream"}
                                -> {"findings": [...], "findings_text": "...", "report": "..."};
                                with stream: server-sent events {"part": "findings"|"report",
                                "text": piece} as the answers are written, then that object

@@ -9,6 +9,7 @@ raised here as a RequestError.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray import serve
@@ -16,9 +17,10 @@ from ray.exceptions import RayActorError
 
 from m4cxr.serve.inputs import GroundingRequest, ReportRequest, RequestError, VQARequest
 from m4cxr.serve.openai_chat import Sampling, with_system
+from m4cxr.report_grounding import grounded_sentence, grounding_question, sentences_to_ground
 from m4cxr.serve.prompts import (
-    BoxAnswer, GroundingAnswer, ReportAnswer, VQAAnswer, findings_list, grounding_response, grounding_turns, mrg_turns,
-    vqa_turns,
+    BoxAnswer, GroundingAnswer, ReportAnswer, ReportSentence, VQAAnswer, findings_list, grounding_response,
+    grounding_turns, mrg_turns, report_sentence, vqa_turns,
 )
 from m4cxr.tasks import after_findings
 
@@ -97,20 +99,40 @@ class ModelClient:
 # ----------------------------------------------------------------------------- the routes' bodies
 
 
+async def ground_report(client: ModelClient, name: str, req: ReportRequest, report: str) -> list[ReportSentence]:
+    """The report's sentences, each one that states a present finding with the box the model
+    gives it on the study's first image (its phrase-grounding turn, asked for all of them at once,
+    so that the engine batches them)."""
+    info = await client.info(name)
+    image, sentences = req.images[0], sentences_to_ground(report)
+    asked = [i for i, (_, findings) in enumerate(sentences) if findings]
+    answers = await asyncio.gather(*(client.answer(name, grounding_question(sentences[i][0], info["system_prompt"]),
+                                                   [image]) for i in asked))
+    answer_of = dict(zip(asked, answers))
+    return [report_sentence(grounded_sentence(text, findings, answer_of.get(i)), image, info["box_convention"])
+            for i, (text, findings) in enumerate(sentences)]
+
+
 async def answer_report(client: ModelClient, name: str, req: ReportRequest) -> ReportAnswer:
-    """POST /mrg: the findings (the chain of thought's first turn), then the report."""
+    """POST /mrg: the findings (the chain of thought's first turn), then the report; with
+    `grounded`, its sentences with their boxes."""
     first, second, images = mrg_turns(req, (await client.info(name))["system_prompt"])
     answer = await client.answer(name, first, images)
-    if not req.cot:
-        return ReportAnswer(findings=[], findings_text="", report=answer)
-    report_text = await client.answer(name, after_findings(first, answer, second), images)
-    return ReportAnswer(findings=findings_list(answer), findings_text=answer, report=report_text)
+    if req.cot:
+        out = ReportAnswer(findings=findings_list(answer), findings_text=answer,
+                           report=await client.answer(name, after_findings(first, answer, second), images))
+    else:
+        out = ReportAnswer(findings=[], findings_text="", report=answer)
+    if req.grounded:
+        out.sentences = await ground_report(client, name, req, out.report)
+    return out
 
 
 async def stream_report(client: ModelClient, name: str, req: ReportRequest):
     """POST /mrg with stream, and the page's report: ("findings", piece) while the chain of
     thought's first turn is written, then ("report", piece), then ("done", the ReportAnswer the
-    unstreamed route gives). A problem with the prompt is raised before the first piece."""
+    unstreamed route gives, grounded once the report is written where asked). A problem with the
+    prompt is raised before the first piece."""
     first, second, images = mrg_turns(req, (await client.info(name))["system_prompt"])
     pieces = await client.answer_stream(name, first, images)
     texts = {"findings": "", "report": ""}
@@ -123,8 +145,11 @@ async def stream_report(client: ModelClient, name: str, req: ReportRequest):
                 texts[part] += item
                 yield part, item
         texts[part] = texts[part].strip()
-    yield "done", ReportAnswer(findings=findings_list(texts["findings"]) if req.cot else [],
-                               findings_text=texts["findings"], report=texts["report"])
+    out = ReportAnswer(findings=findings_list(texts["findings"]) if req.cot else [], findings_text=texts["findings"],
+                       report=texts["report"])
+    if req.grounded:
+        out.sentences = await ground_report(client, name, req, out.report)
+    yield "done", out
 
 
 async def answer_grounding(client: ModelClient, name: str, req: GroundingRequest) -> GroundingAnswer | BoxAnswer:

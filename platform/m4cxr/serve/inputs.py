@@ -197,6 +197,7 @@ class ReportRequest(Body):
     prior_images: list[Any] | None = None
     prior_report: str | None = None
     cot: bool = True
+    grounded: bool = False  # each sentence stating a present finding with its box on images[0]
     stream: bool = False
 
     @model_validator(mode="after")

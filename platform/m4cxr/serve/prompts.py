@@ -12,10 +12,19 @@ from m4cxr.boxes import format_box, parse_box, to_pixels
 from m4cxr.tasks import NOT_FOUND, cot_candidates, render_conversation, report_questions, served_task
 
 
+class ReportSentence(BaseModel):  # a sentence of a grounded report (m4cxr/report_grounding.py)
+    text: str
+    findings: list[str]  # the present findings it states; [] for the others, which are not grounded
+    box: list[int] | None  # 0-100, [x1, y1, x2, y2], on the study's first image
+    box_pixels: list[float] | None
+    answer: str | None  # the grounding turn's answer as written; None where it was not asked
+
+
 class ReportAnswer(BaseModel):
     findings: list[str]  # the chain of thought's positive findings; [] without it
     findings_text: str  # its first answer as written
     report: str
+    sentences: list[ReportSentence] | None = None  # with "grounded": true
 
 
 class GroundingAnswer(BaseModel):
@@ -43,6 +52,13 @@ def mrg_turns(req, system: str) -> tuple[list[dict], list[dict], list]:
     first, second = report_questions(req.scenario, len(req.images), len(prior), req.prior_report or "", system,
                                      req.cot)
     return first, second, prior + list(req.images)
+
+
+def report_sentence(sentence: dict, image, convention: str) -> ReportSentence:
+    """A grounded sentence (report_grounding.grounded_sentence) with its box in the image's pixels."""
+    box = sentence["box"]
+    pixels = [round(v, 1) for v in to_pixels(box, *image.size, convention)] if box else None
+    return ReportSentence(**sentence, box_pixels=pixels)
 
 
 def findings_list(answer: str) -> list[str]:

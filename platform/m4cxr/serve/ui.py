@@ -3,7 +3,8 @@ answers through the routes' own handlers (serve/client.py), over the same model 
 
     Report      the CoT findings as chips, then the report, streamed as they are written; the
                 scenario from the inputs (several views: multi-image; a prior study with its
-                report: multi-study) or picked
+                report: multi-study) or picked; grounded, every sentence that states a finding
+                boxed on image 1, numbered
     Grounding   a phrase, or a sentence of the report, boxed on the image (the evaluation's
                 overlay drawing); two clicks on the image make a box to ask about
     VQA, chat   a question, or a free conversation, over the uploaded study
@@ -23,7 +24,6 @@ import functools
 import html
 import inspect
 import os
-import re
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -36,7 +36,8 @@ from fastapi import FastAPI  # noqa: E402
 from ray import serve  # noqa: E402
 
 from m4cxr.boxes import format_box, to_pixels, to_relative  # noqa: E402
-from m4cxr.eval.pictures import draw_overlay  # noqa: E402
+from m4cxr.eval.pictures import draw_grounded_report, draw_overlay  # noqa: E402
+from m4cxr.report_grounding import report_sentences  # noqa: E402
 from m4cxr.serve.access import authorized  # noqa: E402
 from m4cxr.serve.client import (  # noqa: E402
     ModelClient, answer_grounding, answer_vqa, stream_chat, stream_report,
@@ -98,13 +99,13 @@ def pick_scenario(scenario: str, files: list, prior_files: list, prior_report: s
 
 
 def report_request(files: list[str] | None, prior_files: list[str] | None, prior_report: str | None,
-                   scenario: str, cot: bool) -> ReportRequest:
+                   scenario: str, cot: bool, grounded: bool = False) -> ReportRequest:
     """The page's report inputs as the /mrg route's checked request."""
     files, prior_files, prior_report = files or [], prior_files or [], prior_report or ""
     if not files:
         raise RequestError("upload the study's image(s) first: PNG, JPEG or DICOM")
     body: dict[str, Any] = {"scenario": pick_scenario(scenario, files, prior_files, prior_report), "cot": cot,
-                            "images": [file_b64(f) for f in files]}
+                            "grounded": grounded, "images": [file_b64(f) for f in files]}
     if prior_files:
         body["prior_images"] = [file_b64(f) for f in prior_files]
     if prior_report.strip():
@@ -116,10 +117,6 @@ def first_image_b64(files: list[str] | None) -> str:
     if not files:
         raise RequestError("upload the study's image(s) first: PNG, JPEG or DICOM")
     return file_b64(files[0])
-
-
-def report_sentences(report: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", report) if len(s.strip()) > 1]
 
 
 def chips(findings: list[str], done: bool) -> list[tuple[str, str | None]]:
@@ -177,18 +174,26 @@ class Page:
         gallery += [(im, f"prior {i + 1}") for i, im in enumerate(prior)]
         return gallery, (current[0] if current else None), []
 
-    async def report(self, checkpoint: str, files, prior_files, prior_report: str, scenario: str, cot: bool):
-        """Findings chips, findings text, report text and the report's sentences, as written."""
+    async def report(self, checkpoint: str, files, prior_files, prior_report: str, scenario: str, cot: bool,
+                     grounded: bool):
+        """Findings chips, findings text, report text, the report's sentences, as written, and,
+        grounded, the picture of its boxed sentences."""
         name = self.client.check_model(checkpoint)
-        req = report_request(files, prior_files, prior_report, scenario, cot)
+        req = report_request(files, prior_files, prior_report, scenario, cot, grounded)
         texts = {"findings": "", "report": ""}
         async for part, item in stream_report(self.client, name, req):
             if part == "done":
+                picture = self.grounded_picture(req.images[0], item.sentences) if grounded else None
                 yield (chips(item.findings, True) if cot else [], item.findings_text, item.report,
-                       gr.update(choices=report_sentences(item.report), value=None))
+                       gr.update(choices=report_sentences(item.report), value=None), picture)
                 return
             texts[part] += item
-            yield chips(findings_list(texts["findings"]), False), texts["findings"], texts["report"], gr.update()
+            yield (chips(findings_list(texts["findings"]), False), texts["findings"], texts["report"], gr.update(),
+                   gr.update())
+
+    def grounded_picture(self, image, sentences) -> str:
+        path = Path(tempfile.mkstemp(suffix=".png", dir=self.pictures)[1])
+        return str(draw_grounded_report(image, [(s.text, s.box_pixels) for s in sentences], path))
 
     def overlay(self, image, boxes_yellow: list, box_red, title: str) -> str:
         path = Path(tempfile.mkstemp(suffix=".png", dir=self.pictures)[1])
@@ -311,12 +316,16 @@ def report_tab(ui: SimpleNamespace) -> None:
     with gr.Row():
         ui.scenario = gr.Radio(SCENARIO_CHOICES, value="auto", label="Scenario")
         ui.cot = gr.Checkbox(value=True, label="Findings first (chain of thought)")
+        ui.grounded = gr.Checkbox(value=False, label="Box each finding sentence (grounded report)",
+                                  elem_id="grounded")
     ui.report_button = gr.Button("Generate report", variant="primary", elem_id="report-button")
     ui.findings_chips = gr.HighlightedText(label="Findings", show_legend=False, combine_adjacent=False,
                                            elem_id="findings-chips")
     ui.findings_text = gr.Textbox(label="Findings (the model's first answer)", elem_id="findings-text")
     ui.report_text = gr.Textbox(label="Report", lines=6, elem_id="report-text")
     ui.sentences = gr.Radio([], label="Ground a sentence of the report (click one)", elem_id="sentences")
+    ui.grounded_report = gr.Image(label="Grounded report: each finding sentence's box on image 1", type="filepath",
+                                  elem_id="grounded-report")
 
 
 def grounding_tab(ui: SimpleNamespace) -> None:
@@ -363,8 +372,9 @@ def wire(page: Page, ui: SimpleNamespace, demo: gr.Blocks) -> None:
     ui.files.change(run(page.previews), [ui.files, ui.prior_files], previews, **private)
     ui.prior_files.change(run(page.previews), [ui.files, ui.prior_files], previews, **private)
     ui.report_button.click(run(page.report), [ui.checkpoint, ui.files, ui.prior_files, ui.prior_report, ui.scenario,
-                                              ui.cot],
-                           [ui.findings_chips, ui.findings_text, ui.report_text, ui.sentences], api_name="report")
+                                              ui.cot, ui.grounded],
+                           [ui.findings_chips, ui.findings_text, ui.report_text, ui.sentences, ui.grounded_report],
+                           api_name="report")
     ground_inputs = [ui.checkpoint, ui.files, ui.target, ui.target_text]
     ground_outputs = [ui.boxed, ui.ground_answer, ui.ground_box]
     ui.ground_button.click(run(page.grounding), ground_inputs, ground_outputs, api_name="grounding")

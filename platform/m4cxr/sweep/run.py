@@ -76,6 +76,7 @@ def validation_objectives(exp: Experiment, checkpoint: str, corpus_dir: str, out
     report, box, answer = (headline_task(kind) for kind in ("report", "box", "answer"))
     ev = copy.deepcopy(exp)
     ev.eval.split, ev.eval.cot, ev.eval.both_cot_modes, ev.eval.radgraph = "validate", True, False, False
+    ev.eval.grounded_reports = False  # not an objective: its questions would only slow the trial
     ev.eval.tasks = [task for task in (report, box, answer) if task in exp.eval.tasks]
     ev.eval.samples_per_task = exp.tune.eval_samples_per_task
     ev.eval.bootstrap_samples = 10
