@@ -53,7 +53,7 @@ class Ledger:
         return {"entries": self.entries, "pid": os.getpid()}
 
 if sys.argv[2] == "create":
-    ledger = Ledger.options(name="ledger", lifetime="detached").remote()
+    ledger = Ledger.options(name="ledger", lifetime="detached", get_if_exists=True).remote()
     for step in range(3):
         ray.get(ledger.add.remote(f"step {step}"))
 state = ray.get(ray.get_actor("ledger").state.remote())
@@ -75,8 +75,10 @@ class BystanderRay:
         self.dashboard = f"http://127.0.0.1:{dashboard}"
         args = [self.ray, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
                 "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={self.temp}"]
-        if not port_is_free(52365):  # Ray's default agent port, taken by yet another Ray
-            args.append(f"--dashboard-agent-listen-port={some_free_port()}")
+        # Ray's other default ports, where yet another Ray (a second test run's bystander) holds them
+        for option, default in (("--dashboard-agent-listen-port", 52365), ("--ray-client-server-port", 10001)):
+            if not port_is_free(default):
+                args.append(f"{option}={some_free_port()}")
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env["RAY_AUTH_MODE"] = "disabled"
         self.head = subprocess.Popen(args, env=self.env, start_new_session=True,
@@ -89,10 +91,13 @@ class BystanderRay:
 
     def state(self, action: str = "read") -> dict:
         """The ledger actor's entries and process id, and how many drivers the cluster has seen."""
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded machine (a quickstart beside the tests) starts Ray slowly
         while True:
-            done = subprocess.run([sys.executable, "-c", ACTOR, self.address, action, self.dashboard], env=self.env,
-                                  capture_output=True, text=True, timeout=120)
+            try:
+                done = subprocess.run([sys.executable, "-c", ACTOR, self.address, action, self.dashboard],
+                                      env=self.env, capture_output=True, text=True, timeout=180)
+            except subprocess.TimeoutExpired as err:
+                done = subprocess.CompletedProcess(err.cmd, -1, "", f"no answer in {err.timeout:.0f}s")
             if done.returncode == 0:
                 return json.loads(done.stdout.strip().splitlines()[-1])
             if time.time() > deadline or self.head.poll() is not None:

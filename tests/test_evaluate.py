@@ -15,7 +15,8 @@ from m4cxr.config import load_experiment
 from m4cxr.data.schema import read_sample_table
 from m4cxr.eval.inference import PREDICTION_SCHEMA, Predictor
 from m4cxr.eval.run import evaluate
-from m4cxr.eval.scoring import mentions_comparison, score_predictions
+from m4cxr.eval.scoring import score_predictions
+from m4cxr.labeler.prior_references import mentions_prior
 from m4cxr.eval.tables import render_tables
 
 from conftest import ROOT
@@ -116,11 +117,11 @@ def test_grounded_report_sentences_are_scored_against_the_box_of_the_finding_the
 
 
 def test_hallucinated_comparison_words():
-    assert mentions_comparison("The left effusion has increased compared to the prior study.")
-    assert mentions_comparison("Heart size is unchanged.")
-    assert mentions_comparison("Interval placement of a right chest tube.")
-    assert not mentions_comparison("The lungs are clear. No pleural effusion or pneumothorax.")
-    assert not mentions_comparison("Heart size is normal. There is mild pulmonary edema.")
+    assert mentions_prior("The left effusion has increased compared to the prior study.")
+    assert mentions_prior("Heart size is unchanged.")
+    assert mentions_prior("Interval placement of a right chest tube.")
+    assert not mentions_prior("The lungs are clear. No pleural effusion or pneumothorax.")
+    assert not mentions_prior("Heart size is normal. There is mild pulmonary edema.")
 
 
 def test_tables_have_the_papers_shape_and_show_paper_figures_only_on_its_test_set(synthetic_corpus, exp):

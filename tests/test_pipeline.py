@@ -125,3 +125,37 @@ def test_schedule_and_error_budget():
     check_error_budget(2, 200, 0.01, ["a"])  # one bad sample early on does not stop a run
     with pytest.raises(DataBudgetExceeded, match="3 failed samples.*of the 200.*last: s9: OSError"):
         check_error_budget(3, 200, 0.01, ["s9: OSError: broken"])
+
+
+def test_prior_references_removed_from_targets_without_a_prior_study(setup, tmp_path):
+    """data.prior_references=remove: single- and multi-image report targets (report, CoT answer,
+    single-turn and stage-1 targets) lose their comparisons and keep their labels; multi-study
+    targets, whose prompt holds the prior, stay as written; the counts come with `data stats`."""
+    from m4cxr.cli import main
+    from m4cxr.data.prior_references import count_rewrites
+    from m4cxr.labeler.prior_references import mentions_prior
+    from m4cxr.labeler.rules import label_report
+
+    exp, corpus, tok_dir = setup
+    args = prepare_args(exp, corpus, "train", tok_dir, 16, "instruction")
+    keep = PrepareSamples(**{**args, "prior_references": "keep"})
+    remove = PrepareSamples(**{**args, "prior_references": "remove"})
+    table = keep.table.to_pylist()
+    comparing = [s for s in table if s["task"] in ("single_image", "multi_image") and mentions_prior(s["report"])]
+    assert len(comparing) > 20  # the synthetic world's follow-up reports compare, as MIMIC-CXR's do
+    for sample in comparing:
+        turns, _ = remove.conversation(sample, 0)
+        assert turns[:-1] == sample["turns"][:-1]  # the question and the CoT findings answer as they were
+        assert not mentions_prior(turns[-1]["content"]), turns[-1]["content"]
+        assert label_report(turns[-1]["content"]) == label_report(sample["report"])
+        assert keep.conversation(sample, 0)[0] == sample["turns"]
+    single_turn = PrepareSamples(**{**args, "prior_references": "remove", "mrg_format": "single_turn"})
+    assert not mentions_prior(single_turn.conversation(comparing[0], 0)[0][-1]["content"])
+    stage1 = PrepareSamples(**{**args, "stage": "pretrain", "prior_references": "remove"})
+    single = next(s for s in comparing if s["task"] == "single_image")
+    assert not mentions_prior(stage1.conversation(single, 0)[0][-1]["content"])
+    study = next(s for s in table if s["task"] == "multi_study" and mentions_prior(s["report"]))
+    assert remove.conversation(study, 0)[0] == study["turns"]
+    counts = count_rewrites(corpus, "train")
+    assert counts["changed"] == len(comparing) and counts["targets"] > counts["changed"]
+    assert main(["data", "stats", corpus]) == 0

@@ -4,6 +4,7 @@
     m4cxr mixture show FILE [--strategy d1] [--corpus DIR] [--json]
     m4cxr data synth --out DIR [--patients N] [--seed S] [--config FILE]
     m4cxr data stats DIR [--json]
+    m4cxr data remove-priors IN.csv --column TEXT --out OUT.csv
     m4cxr data prepare --config FILE --source NAME=PATH [--source ...] --out DIR [--allow-leakage]
     m4cxr data leakage DIR
     m4cxr data real-organs --coco FILE --images DIR --out DIR
@@ -92,9 +93,11 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_stats(args) -> int:
+    from m4cxr.data.prior_references import count_rewrites, describe
     from m4cxr.data.stats import corpus_stats, report_leakage
 
     stats = corpus_stats(args.dir)
+    stats["prior_references"] = count_rewrites(args.dir, "train")
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -108,7 +111,18 @@ def cmd_data_stats(args) -> int:
         for rule, by_split in stats["report_scenarios"].items():
             print(f"    {rule:30s}" + "".join(f"{by_split.get(s, 0):>10d}" for s in splits))
     print("  patients: " + ", ".join(f"{k} {v}" for k, v in stats["patients"].items()))
+    print("  training targets: " + describe(stats["prior_references"]))
     return report_leakage(stats["leakage"])
+
+
+def cmd_data_remove_priors(args) -> int:
+    from m4cxr.data.prior_references import rewrite_csv
+
+    t = rewrite_csv(args.csv, args.column, args.out)
+    print(f"{args.out}: {t['rows']} rows ({t['empty']} with an empty {args.column!r}); {t['changed']} reports "
+          f"rewritten: {t['sentences_changed']} sentences changed, {t['sentences_removed']} of them removed; "
+          f"{t['sentences_kept_for_labels']} sentences kept as written because their CheXpert labels would change")
+    return 0
 
 
 def cmd_data_leakage(args) -> int:
@@ -120,6 +134,7 @@ def cmd_data_leakage(args) -> int:
 
 def cmd_data_prepare(args) -> int:
     from m4cxr.data.prepare import parse_sources, prepare
+    from m4cxr.data.prior_references import describe
     from m4cxr.data.stats import report_leakage
 
     exp = _experiment(args)
@@ -137,6 +152,8 @@ def cmd_data_prepare(args) -> int:
     for dataset, notes in manifest["notes"].items():
         for note in notes:
             print(f"  note, {dataset}: {note}")
+    print(f"  training targets (data.prior_references: {manifest['prior_references']['setting']}): "
+          + describe(manifest["prior_references"]))
     failed = report_leakage(manifest["leakage"])
     if failed and args.allow_leakage:
         print("  (--allow-leakage: the corpus is kept as written)")
@@ -434,6 +451,13 @@ def add_data_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image choices (which region, which box)")
     p.add_argument("--allow-leakage", action="store_true", help="exit 0 even when a leakage check fails")
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("remove-priors", help="rewrite a CSV of reports without references to prior studies, "
+                                              "keeping their findings and CheXpert labels")
+    p.add_argument("csv", help="the reports, one per row, with a header row (UTF-8)")
+    p.add_argument("--column", required=True, help="the column that holds the report text")
+    p.add_argument("--out", required=True, help="the CSV written: the same rows and columns, that one rewritten, "
+                                                "and three columns of counts")
+    p.set_defaults(func=cmd_data_remove_priors)
     p = data.add_parser("leakage", help="leakage checks of a corpus: patients in several splits, MS-CXR test images in training")
     p.add_argument("dir")
     p.set_defaults(func=cmd_data_leakage)

@@ -117,6 +117,12 @@ class DataConfig(Section):
     # "single_turn" asks for the report at once (Exp1); "separate" trains the report question and
     # the findings question as two separate single-turn tasks (Exp2).
     mrg_format: Literal["cot", "single_turn", "separate"] = "cot"
+    # Report targets of the scenarios without a prior study (single-image, multi-image): "remove"
+    # rewrites their references to a prior study away, keeping every finding and CheXpert label
+    # ("Stable moderate cardiomegaly." -> "Moderate cardiomegaly."), so that the model does not
+    # learn to compare with a study it is not given (data/prior_references.py); "keep" trains on
+    # the reports as written.
+    prior_references: Literal["keep", "remove"] = "keep"
     mixture: MixtureConfig = Field(default_factory=MixtureConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 

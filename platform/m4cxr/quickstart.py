@@ -19,6 +19,7 @@ from pathlib import Path
 from ray import serve
 
 from m4cxr.config import load_experiment
+from m4cxr.data.prior_references import count_rewrites, describe as describe_rewrites
 from m4cxr.data.schema import ImageStore, read_sample_table
 from m4cxr.data.synthetic import synthesize
 from m4cxr.eval.run import eval_summary, evaluate
@@ -41,7 +42,11 @@ def run_quickstart(out: str | Path, config: str | Path = "experiments/quickstart
     log.info(f"quickstart 1/7: synthetic world ({exp.data.synthetic.patients} patients) -> {exp.data.corpus_dir}")
     manifest = synthesize(exp.data.corpus_dir, exp.data.synthetic, exp.data.box_convention, exp.data.system_prompt)
     summary["data"] = {"corpus": exp.data.corpus_dir, "samples": manifest["samples"], "images": manifest["images"],
-                       "patients": manifest["patients"], "leakage": manifest["leakage"]["patients_in_several_splits"]}
+                       "patients": manifest["patients"], "leakage": manifest["leakage"]["patients_in_several_splits"],
+                       "prior_references": {"setting": exp.data.prior_references,
+                                            **count_rewrites(exp.data.corpus_dir, "train")}}
+    log.info(f"quickstart: training targets (data.prior_references: {exp.data.prior_references}): "
+             + describe_rewrites(summary["data"]["prior_references"]))
 
     log.info("quickstart 2/7: tokenizer")
     prepare_tokenizer(exp, exp.data.corpus_dir)
@@ -116,7 +121,7 @@ def serve_check(checkpoints: dict[str, str], exp, corpus_dir: str) -> dict:
     image = base64.b64encode(ImageStore(corpus_dir).path(sample["images"][0]["image_id"]).read_bytes()).decode()
     chat_model = "sweep-best" if "sweep-best" in checkpoints else "default"
     requests = {
-        "mrg": ("/mrg", {"scenario": scenario, "images": [image]}),
+        "mrg": ("/mrg", {"scenario": scenario, "images": [image], "grounded": True}),
         "grounding": ("/grounding", {"image": image, "phrase": "There is a small left pleural effusion."}),
         "vqa": ("/vqa", {"images": [image], "question": "Is the heart enlarged?"}),
         "chat": ("/v1/chat/completions", {"model": chat_model, "messages": [{"role": "user", "content": [

@@ -31,6 +31,7 @@ from PIL import Image
 
 from m4cxr.config import Experiment
 from m4cxr.data.mixture import Mixture, build_mixture
+from m4cxr.data.prior_references import without_prior_references
 from m4cxr.data.schema import ImageStore, samples_path
 from m4cxr.data.stats import pair_counts
 from m4cxr.model.inputs import pad_batch
@@ -86,7 +87,7 @@ class PrepareSamples:
 
     def __init__(self, corpus_dir: str, split: str, tokenizer_dir: str, image_size: int, image_mean: list,
                  image_std: list, box_convention: str, tokens_per_image: int, max_seq_len: int, stage: str,
-                 mrg_format: str = "cot"):
+                 mrg_format: str = "cot", prior_references: str = "keep"):
 
         self.table = pq.read_table(samples_path(corpus_dir, split))
         self.store = ImageStore(corpus_dir)
@@ -96,9 +97,12 @@ class PrepareSamples:
         self.max_seq_len = max_seq_len
         self.stage = stage
         self.mrg_format = mrg_format
+        self.prior_references = prior_references
 
     def conversation(self, sample: dict, position: int) -> tuple[list[dict], list[str]]:
         image_ids = [i["image_id"] for i in sample["images"]]
+        if self.prior_references == "remove":
+            sample = without_prior_references(sample)
         if self.stage == "pretrain":  # image-report pairs, no instructions (stage 1)
             if not sample["report"]:
                 raise ValueError("stage 1 needs a report")
@@ -150,7 +154,8 @@ def prepare_args(exp: Experiment, corpus_dir: str, split: str, tokenizer_dir: st
     return dict(corpus_dir=str(corpus_dir), split=split, tokenizer_dir=str(tokenizer_dir),
                 image_size=exp.data.image_size, image_mean=exp.model.image_mean, image_std=exp.model.image_std,
                 box_convention=exp.data.box_convention, tokens_per_image=tokens_per_image,
-                max_seq_len=exp.train.max_seq_len, stage=stage, mrg_format=exp.data.mrg_format)
+                max_seq_len=exp.train.max_seq_len, stage=stage, mrg_format=exp.data.mrg_format,
+                prior_references=exp.data.prior_references)
 
 
 def _preprocess(ds, exp: Experiment, args: dict):

@@ -38,6 +38,7 @@ from PIL import Image
 from m4cxr.config import DataConfig, Experiment
 from m4cxr.data.boxes_preview import BoxTiles, draw_box_tiles
 from m4cxr.data.images import read_image, resize_shortest_edge
+from m4cxr.data.prior_references import count_rewrites
 from m4cxr.data.schema import IMAGE_INDEX_SCHEMA, SAMPLE_SCHEMA, SPLITS, Sample, samples_path, write_manifest
 from m4cxr.data.sources.common import Collector, ImageRef, SourceError
 from m4cxr.data.sources.covid_qu_ex import image_hashes
@@ -417,6 +418,8 @@ def prepare(exp: Experiment, sources: dict[str, Path], out_dir: str | Path, seed
         "samples_lost_to_unreadable_images": dict(lost),
         "excluded": {c.dataset: dict(c.excluded) for c in collectors if c.excluded},
         "notes": {c.dataset: c.notes for c in collectors if c.notes},
+        # what data.prior_references=remove changes in the training targets (the corpus keeps them as written)
+        "prior_references": {"setting": exp.data.prior_references, **count_rewrites(out, "train")},
         "source": {"kind": "prepare", "sources": {k: str(v) for k, v in sources.items()}, "seed": seed,
                    "image_size": size, "box_convention": exp.data.box_convention},
     })

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -35,6 +34,10 @@ from m4cxr.boxes import format_box, iou, parse_box, to_pixels
 from m4cxr.config import Experiment
 from m4cxr.data.schema import ImageStore, read_sample_table, samples_path
 from m4cxr.labeler import label_reports, measured_agreement, rule_labeler_name
+# the words of a report that speak of an earlier study: right in multi-study reports, hallucinated
+# in a report written from one study (the flaw the paper names); the same rules data.prior_references
+# removes from the training targets
+from m4cxr.labeler.prior_references import mentions_prior
 from m4cxr.report_grounding import stated_findings
 from m4cxr.tasks import RESULT_GROUPS, report_scenarios, result_group, scored_as
 from m4cxr.eval.metrics import (
@@ -45,16 +48,6 @@ from m4cxr.eval.metrics import (
 CENTRAL_BOX = (25, 25, 75, 75)
 log = logging.getLogger(__name__)
 
-# Words of a report that speak of an earlier study: right in multi-study reports, hallucinated
-# in a report written from one study (the flaw the paper names).
-COMPARISON = re.compile(
-    r"\b(?:compared (?:with|to)|comparison|prior|previous(?:ly)?|preceding|earlier|unchanged|no (?:significant )?change|"
-    r"changed|interval|increas(?:ed|ing)|decreas(?:ed|ing)|improv(?:ed|ing|ement)|worsen(?:ed|ing)|stable|"
-    r"new(?:ly)?|resolv(?:ed|ing)|redemonstrat\w*|again|persist(?:s|ent|ing)?|since)\b", re.IGNORECASE)
-
-
-def mentions_comparison(report: str) -> bool:
-    return bool(COMPARISON.search(report or ""))
 
 
 # ----------------------------------------------------------------------------- labelers
@@ -109,8 +102,8 @@ def score_reports(hyps: list[str], refs: list[str], hyp_labels: list[dict], ref_
         "BLEU-4": bleu4_bootstrap(hyps, refs, resamples, seed),
         "ROUGE-L": bootstrap_ci(lambda i: float(rouge[i].mean()), len(hyps), resamples, seed),
     }
-    out["hallucinated_comparison_rate"] = float(np.mean([mentions_comparison(h) for h in hyps])) if hyps else 0.0
-    out["reference_comparison_rate"] = float(np.mean([mentions_comparison(r) for r in refs])) if refs else 0.0
+    out["hallucinated_comparison_rate"] = float(np.mean([mentions_prior(h) for h in hyps])) if hyps else 0.0
+    out["reference_comparison_rate"] = float(np.mean([mentions_prior(r) for r in refs])) if refs else 0.0
     return out
 
 
