@@ -173,3 +173,40 @@ def test_the_rewrite_is_deterministic_and_idempotent():
     once = rewritten(text)
     assert once == rewritten(text)
     assert rewritten(once) == once
+
+
+def test_remove_priors_command_writes_one_row_per_input_row(tmp_path, capsys):
+    """`m4cxr data remove-priors`: every input row out, in order, its other columns as they are, the
+    text column rewritten and the counts appended; a missing column or a ragged row is an error
+    that names it."""
+    import csv
+
+    from m4cxr.cli import main
+
+    reports = tmp_path / "reports.csv"
+    rows = [{"id": "a", "text": "Stable moderate cardiomegaly. No pneumothorax.", "site": "x"},
+            {"id": "b", "text": "", "site": "y"},
+            {"id": "c", "text": "The lungs are clear.", "site": "z"},
+            {"id": "d", "text": "No interval change.\nInterval resolution of the left pleural effusion.", "site": "w"}]
+    with reports.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "text", "site"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "clean.csv"
+    assert main(["data", "remove-priors", str(reports), "--column", "text", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "4 rows (1 with an empty 'text'); 2 reports rewritten: 3 sentences changed, 1 of them removed" in said
+    with out.open(newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["id"] for r in written] == ["a", "b", "c", "d"] and [r["site"] for r in written] == ["x", "y", "z", "w"]
+    assert [r["text"] for r in written] == ["Moderate cardiomegaly. No pneumothorax.", "", "The lungs are clear.",
+                                            "No left pleural effusion."]
+    assert [r["prior_sentences_changed"] for r in written] == ["1", "0", "0", "2"]
+    assert [r["prior_sentences_removed"] for r in written] == ["0", "0", "0", "1"]
+
+    assert main(["data", "remove-priors", str(reports), "--column", "report", "--out", str(out)]) == 2
+    assert "no column 'report'; its columns are ['id', 'text', 'site']" in capsys.readouterr().err
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("id,text\n1,Stable cardiomegaly.\n2,No change.,extra\n")
+    assert main(["data", "remove-priors", str(ragged), "--column", "text", "--out", str(out)]) == 2
+    assert "line 3: 1 cells more than the header's columns" in capsys.readouterr().err

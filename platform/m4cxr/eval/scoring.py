@@ -253,7 +253,8 @@ class Scoring:
                 "box_rate": boxed / len(values) if len(values) else 0.0,
                 "mIoU": float(values.mean()) if len(values) else 0.0,
                 "acc@0.5": float((values >= 0.5).mean()) if len(values) else 0.0, "ci": ci,
-                "findings": findings, "finding_coverage": covered / findings if findings else 0.0,
+                "findings": findings, "findings_boxed": covered,
+                "finding_coverage": covered / findings if findings else 0.0,
                 "sentences_without_truth": unmatched, "reports_without_truth_boxes": without_truth}
 
     def answers(self, task: str, rows: list[dict]) -> tuple[dict, dict, dict | None]:

@@ -111,12 +111,12 @@ def grounded_reports_table(results: dict) -> list[str]:
     rows = []
     for task, g in results.get("grounded_reports", {}).items():
         rows.append([f"{task.replace('_', '-')} ({g['mode']})", g["reports"], g["sentences"], pct(g["box_rate"]),
-                     pct(g["acc@0.5"]), pct(g["mIoU"]), f"{pct(g['finding_coverage'])} of {g['findings']}"])
+                     pct(g["acc@0.5"]), pct(g["mIoU"]), f"{g['findings_boxed']} of {g['findings']} ({pct(g['finding_coverage'])})"])
     if not rows:
         return []
     return section("Grounded reports: each sentence stating a present finding, boxed by the model",
                    ["task", "graded reports", "finding sentences", "with a box", "accuracy (IoU >= 0.5)", "mIoU",
-                    "true findings boxed"], rows,
+                    "true findings with a boxed sentence"], rows,
                    "", "Against the ground-truth box of the finding the sentence states, on the image it was grounded "
                        "on; a sentence answered without a box counts as IoU 0. Sentences about findings the image's "
                        "ground truth does not hold, and reports of images without finding boxes, are counted in "
