@@ -17,8 +17,8 @@ model's own answer kept in the conversation, then the report question; "no_cot":
 question alone) and, with `eval.both_cot_modes`, in the other mode too. On vLLM a CoT report's
 second turn goes into the engine as soon as its first answer is back. With
 `eval.grounded_reports`, each sentence of a report in the first mode that states a present
-finding is then asked for its box on the study's first image (report_grounding.py). Phrase grounding and VQA
-ask the sample's own question. A sample that cannot be run (a missing image, a prompt the engine
+finding is then asked for its box on the study's first image (report_grounding.py). Phrase
+grounding and VQA ask the sample's own question. A sample that cannot be run (a missing image, a prompt the engine
 refuses) becomes a row with an `error`; the scorer counts those and never drops them silently.
 
 Ray Data's own LLM stage (ray.data.llm's vLLMEngineProcessorConfig) takes a prompt as text or
@@ -185,8 +185,9 @@ def model_dtype(use_gpu: bool):
 
 
 class Predictor(Requests):
-    """Ray Data actor on transformers: a batch of requests -> predictions, in two static passes
-    (every prompt's first question, then the CoT reports' second)."""
+    """Ray Data actor on transformers: a batch of requests -> predictions, in static passes
+    (every prompt's first question, then the CoT reports' second, then the grounding questions
+    of the reports' finding sentences)."""
 
     def __init__(self, checkpoints: dict[str, str], corpus_dir: str, split: str, max_new_tokens: int, decoding: str,
                  use_gpu: bool, seed: int = 0, engine_args: dict | None = None, grounded_mode: str = ""):
