@@ -79,10 +79,12 @@ def cluster():
         c.stop()
 
 
-# the quickstart, small: 60 patients, 80 instruction-tuning steps, 2 sweep trials
+# the quickstart, small: 60 patients, 300 instruction-tuning steps (enough for its reports to state
+# findings, which the grounded-report tests need; at 80 it wrote "No pleural effusion." over and
+# over), 2 sweep trials
 QUICKSTART_OVERRIDES = [
     "data.synthetic.patients=60", "train.pretrain.training_steps=10", "train.pretrain.max_steps=10",
-    "train.instruction.training_steps=80", "train.instruction.max_steps=80", "train.val_samples=24",
+    "train.instruction.training_steps=300", "train.instruction.max_steps=300", "train.val_samples=24",
     "eval.samples_per_task=6", "eval.bootstrap_samples=20", "eval.overlays=2",
     "tune.num_trials=2", "tune.trial_steps=4", "tune.eval_every=2", "tune.eval_samples_per_task=4"]
 
