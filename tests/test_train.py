@@ -43,7 +43,7 @@ def test_quickstart_learns(ray_local, quickstart_run):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     train = summary["train"]
-    assert train["steps"] == 80
+    assert train["steps"] == 300
     assert train["val_loss_last"] < 0.6 * train["val_loss_first"], train
     assert 0.5 < train["nonpad_token_share"] <= 1.0
     ev = summary["eval"]  # the evaluation step ran end to end through Ray Data
