@@ -58,6 +58,9 @@ def test_quickstart_learns(ray_local, quickstart_run):
     assert summary["sweep"]["trials"] == 2 and summary["sweep"]["completed"] == 2
     assert summary["serve"]["requests_ok"] == 5 and summary["serve"]["requests_failed"] == 0
     assert summary["serve"]["checkpoints"] == ["default", "sweep-best"]
+    rewrites = summary["data"]["prior_references"]  # the quickstart trains without invented priors
+    assert rewrites["setting"] == "remove" and 0 < rewrites["changed"] < rewrites["targets"]
+    assert isinstance(summary["serve"]["answers"]["mrg"]["sentences"], list)  # its report request is grounded
     from m4cxr.model.checkpoint import load_checkpoint
 
     card = json.loads((Path(train["checkpoint"]) / "evaluation.json").read_text())  # the web page shows it
