@@ -44,15 +44,16 @@ def draw_overlay(image, reference_boxes: list, predicted_box, title: str, path: 
 BOX_COLOURS = ["red", "deepskyblue", "lime", "orange", "magenta", "yellow", "cyan", "white"]
 
 
-def draw_grounded_report(image, sentences: list[tuple[str, list[float] | None]], path: str | Path) -> Path:
+def draw_grounded_report(image, sentences: list[tuple[str, list[float] | None, bool]], path: str | Path) -> Path:
     """A grounded report on its image: each boxed sentence's box (pixels) numbered in its own
-    colour, and the sentences below, numbered alike (unboxed ones unnumbered)."""
+    colour, and the sentences below, numbered alike; a sentence stating a finding whose answer
+    held no box says so, the others are listed as they are."""
     fig, ax = plt.subplots(figsize=(5, 6.2), dpi=100)
     ax.imshow(image, cmap="gray")
     lines, number = [], 0
-    for text, box in sentences:
+    for text, box, states_finding in sentences:
         if box is None:
-            lines.append(text)
+            lines.append(f"{text} (no box in the model's answer)" if states_finding else text)
             continue
         number += 1
         colour = BOX_COLOURS[(number - 1) % len(BOX_COLOURS)]

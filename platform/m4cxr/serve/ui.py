@@ -193,7 +193,7 @@ class Page:
 
     def grounded_picture(self, image, sentences) -> str:
         path = Path(tempfile.mkstemp(suffix=".png", dir=self.pictures)[1])
-        return str(draw_grounded_report(image, [(s.text, s.box_pixels) for s in sentences], path))
+        return str(draw_grounded_report(image, [(s.text, s.box_pixels, bool(s.findings)) for s in sentences], path))
 
     def overlay(self, image, boxes_yellow: list, box_red, title: str) -> str:
         path = Path(tempfile.mkstemp(suffix=".png", dir=self.pictures)[1])
