@@ -228,9 +228,9 @@ class Scoring:
             size, boxed_findings = self.store.size(image_id), set()
             for sentence in json.loads(r["grounded"]):
                 stated = set(sentence["findings"])
-                refs = [box for obs, box in boxes if obs & stated]
                 if not stated:
                     continue
+                refs = [box for obs, box in boxes if obs & stated]
                 if not refs:  # a finding the image's ground truth does not hold
                     unmatched += 1
                     continue
