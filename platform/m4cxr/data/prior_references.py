@@ -48,6 +48,14 @@ def without_prior_references(sample: dict) -> dict:
     return dict(sample, report=rewrite(sample["report"]).text, turns=turns)
 
 
+def add_up(totals: dict, r: Rewrite) -> None:
+    """Adds one rewrite to the counts `data stats`, `data prepare` and `remove-priors` report."""
+    totals["changed"] += r.changed_report
+    totals["sentences_changed"] += r.changed
+    totals["sentences_removed"] += r.removed
+    totals["sentences_kept_for_labels"] += r.kept_for_labels
+
+
 def count_rewrites(corpus_dir: str | Path, split: str = "train") -> dict:
     """What `remove` changes in a split: report targets (samples) of the rewritten tasks, how many
     change, and their sentences rewritten, removed, and kept because the labels would change."""
@@ -61,12 +69,8 @@ def count_rewrites(corpus_dir: str | Path, split: str = "train") -> dict:
     started = last = time.time()
     for batch in ds.dataset(path).to_batches(columns=["report"], filter=where, batch_size=65_536):
         for report in batch.column("report").to_pylist():
-            r = rewrite(report or "")
             counts["targets"] += 1
-            counts["changed"] += r.changed_report
-            counts["sentences_changed"] += r.changed
-            counts["sentences_removed"] += r.removed
-            counts["sentences_kept_for_labels"] += r.kept_for_labels
+            add_up(counts, rewrite(report or ""))
             if time.time() - last >= PROGRESS_EVERY_S:
                 last = time.time()
                 log.info("prior references: %d report targets read in %.0fs", counts["targets"], last - started)
@@ -111,10 +115,7 @@ def rewrite_csv(in_path: str | Path, column: str, out_path: str | Path) -> dict:
                 r = remove_prior_references(text) if text.strip() else Rewrite(text, 0, 0, 0)
                 totals["rows"] += 1
                 totals["empty"] += not text.strip()
-                totals["changed"] += r.changed_report
-                totals["sentences_changed"] += r.changed
-                totals["sentences_removed"] += r.removed
-                totals["sentences_kept_for_labels"] += r.kept_for_labels
+                add_up(totals, r)
                 writer.writerow({**row, column: r.text, added[0]: r.changed, added[1]: r.removed,
                                  added[2]: r.kept_for_labels})
                 if time.time() - last >= PROGRESS_EVERY_S:
